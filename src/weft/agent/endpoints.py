@@ -1,0 +1,357 @@
+"""The endpoint manager: CNI operations and the reconciler.
+
+Every method runs on the agent's single datapath worker thread, so the manager is the only
+writer of the node's endpoint state, its interfaces and its maps, and needs no locks.
+
+ADD is a transaction: the allocation is persisted (state ``creating``) before the kernel is
+touched; each later step is undone if a following one fails; the endpoint becomes ``ready``
+only at the end. An agent killed in between finds the ``creating`` record at start-up and
+rolls it back, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from weft.agent.config import NodeConfig
+from weft.agent.errors import (
+    CHECK_FAILED,
+    INVALID_ENV,
+    IO_FAILURE,
+    NOT_AVAILABLE,
+    POOL_EXHAUSTED,
+    UNKNOWN_CONTAINER,
+    AgentError,
+)
+from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
+from weft.datapath import veth
+from weft.datapath.loader import EndpointEntry, NodeDatapath
+from weft.ipam.pool import PoolExhausted, gateway_of
+from weft.types.addresses import IPAddress
+from weft.types.labels import format_labels, pod_labels
+
+log = logging.getLogger("weft.agent.endpoints")
+
+
+class EndpointManager:
+    def __init__(self, config: NodeConfig, datapath: NodeDatapath) -> None:
+        self.config = config
+        self.datapath = datapath
+        self.store = StateStore(config.state_dir)
+        self.blocks = config.blocks()
+        self.state: AgentState = self.store.load(self.blocks)
+        self.started_at = time.time()
+        self.last_reconcile: dict[str, Any] = {}
+
+    def _save(self) -> None:
+        self.store.save(self.state)
+
+    # ---------------------------------------------------------------- CNI verbs
+    def cni_add(self, p: dict[str, Any]) -> dict[str, Any]:
+        container_id, ifname, netns = _require(p, "containerID"), _require(p, "ifname"), _require(p, "netns")
+        key = endpoint_key(container_id, ifname)
+        existing = self.state.endpoints.get(key)
+        if existing is not None and existing.state == EP_READY:
+            if existing.netns == netns and veth.host_link_index(existing.host_ifname) is not None:
+                # A repeated ADD for an attachment that exists: the runtime lost our answer.
+                return self._result(existing)
+            self._teardown(existing)
+        elif existing is not None:
+            self._teardown(existing)
+        if not os.path.exists(netns):
+            raise AgentError(INVALID_ENV, f"CNI_NETNS {netns} does not exist")
+        args = p.get("args") or {}
+        pod_ns = str(args.get("K8S_POD_NAMESPACE", ""))
+        pod_name = str(args.get("K8S_POD_NAME", ""))
+
+        # Step 1: allocate and persist before touching the kernel.
+        addresses: list[IPAddress] = []
+        try:
+            for version in sorted(self.state.ipam):
+                addresses.append(self.state.ipam[version].allocate(key))
+        except PoolExhausted as exc:
+            for version in self.state.ipam:
+                self.state.ipam[version].release_owner(key)
+            raise AgentError(POOL_EXHAUSTED, str(exc), f"node {self.config.node_name}") from exc
+        record = EndpointRecord(
+            container_id=container_id, ifname=ifname, netns=netns, network=str(p.get("network", "")),
+            ep_id=self.state.next_ep_id, host_ifname=veth.host_ifname_for(container_id, ifname),
+            addresses=[str(a) for a in addresses], pod_namespace=pod_ns, pod_name=pod_name,
+        )
+        self.state.next_ep_id += 1
+        record.identity = self._acquire_identity(record)
+        self.state.endpoints[key] = record
+        self._save()
+
+        # Steps 2..: interfaces, datapath. Any failure undoes everything above.
+        try:
+            self._wire(record)
+        except Exception as exc:
+            log.warning("ADD %s failed, undoing: %s", key, exc)
+            self._teardown(record)
+            if isinstance(exc, AgentError):
+                raise
+            if isinstance(exc, veth.LinkError):
+                raise AgentError(IO_FAILURE, str(exc)) from exc
+            raise AgentError(IO_FAILURE, f"setting up {ifname} in {netns} failed: {exc}") from exc
+        record.state = EP_READY
+        self._save()
+        return self._result(record)
+
+    def _wire(self, record: EndpointRecord) -> None:
+        pod_addrs = [veth.PodAddress(ip, gateway_of(self.blocks[ip.version])) for ip in record.ips()]
+        link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
+                                    mtu=self.config.mtu)
+        record.host_mac, record.pod_mac, record.host_ifindex = link.host_mac, link.pod_mac, link.host_ifindex
+        self.datapath.attach(record.host_ifname)
+        veth.add_node_routes(record.host_ifname, record.ips())
+        self._write_map_entries(record)
+
+    def _write_map_entries(self, record: EndpointRecord) -> None:
+        for ip in record.ips():
+            self.datapath.upsert_endpoint(EndpointEntry(
+                ip=ip, ifindex=record.host_ifindex, ep_id=record.ep_id, identity=record.identity,
+                pod_mac=record.pod_mac, host_mac=record.host_mac,
+            ))
+
+    def _acquire_identity(self, record: EndpointRecord) -> int:
+        labels = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {})
+        return self.state.identities.acquire(pod_labels(record.pod_namespace, labels))
+
+    def _teardown(self, record: EndpointRecord) -> None:
+        """Remove everything an endpoint holds; every step tolerates a missing piece."""
+        for ip in record.ips():
+            with contextlib.suppress(Exception):
+                if self.datapath.endpoints().get(ip, None) is not None:
+                    self.datapath.delete_endpoint(ip)
+        try:
+            veth.delete_host_link(record.host_ifname)
+        except Exception as exc:  # the link may vanish with its netns at any moment
+            log.warning("deleting %s: %s", record.host_ifname, exc)
+        for allocator in self.state.ipam.values():
+            allocator.release_owner(record.key)
+        if record.identity:
+            self.state.identities.release(record.identity)
+        self.state.endpoints.pop(record.key, None)
+        self._save()
+
+    def cni_del(self, p: dict[str, Any]) -> dict[str, Any]:
+        container_id, ifname = _require(p, "containerID"), _require(p, "ifname")
+        key = endpoint_key(container_id, ifname)
+        record = self.state.endpoints.get(key)
+        if record is not None:
+            self._teardown(record)
+        else:
+            # Nothing recorded: still release any address a crash left with this owner.
+            freed = [a for alloc in self.state.ipam.values() for a in alloc.release_owner(key)]
+            if freed:
+                self._save()
+        return {}
+
+    def cni_check(self, p: dict[str, Any]) -> dict[str, Any]:
+        container_id, ifname = _require(p, "containerID"), _require(p, "ifname")
+        record = self.state.endpoints.get(endpoint_key(container_id, ifname))
+        if record is None or record.state != EP_READY:
+            raise AgentError(UNKNOWN_CONTAINER, f"no endpoint for container {container_id} interface {ifname}")
+        prev = p.get("prevResult") or {}
+        want = {str(ipaddress.ip_interface(ip["address"]).ip) for ip in prev.get("ips", [])}
+        if want and want != set(record.addresses):
+            raise AgentError(CHECK_FAILED, f"prevResult addresses {sorted(want)} differ from the endpoint's "
+                             f"{record.addresses}")
+        if veth.host_link_index(record.host_ifname) is None:
+            raise AgentError(CHECK_FAILED, f"host interface {record.host_ifname} is missing")
+        pod_side = veth.inspect_pod_side(record.netns, record.ifname)
+        if pod_side is None:
+            raise AgentError(CHECK_FAILED, f"interface {record.ifname} is missing in {record.netns}")
+        have = {str(ipaddress.ip_interface(a).ip) for a in pod_side.addresses}
+        missing = set(record.addresses) - have
+        if missing:
+            raise AgentError(CHECK_FAILED, f"{record.ifname} in {record.netns} lacks {sorted(missing)}")
+        in_map = self.datapath.endpoints()
+        for ip in record.ips():
+            if ip not in in_map:
+                raise AgentError(CHECK_FAILED, f"datapath has no endpoint entry for {ip}")
+        return {}
+
+    def cni_status(self, p: dict[str, Any]) -> dict[str, Any]:
+        for version, alloc in self.state.ipam.items():
+            if alloc.used >= alloc.capacity:
+                raise AgentError(NOT_AVAILABLE, f"IPv{version} block {alloc.block} is exhausted")
+        if not self.datapath.programs():
+            raise AgentError(NOT_AVAILABLE, "datapath programs are not loaded")
+        return {}
+
+    def cni_gc(self, p: dict[str, Any]) -> dict[str, Any]:
+        network = str(p.get("network", ""))
+        valid = {endpoint_key(str(a.get("containerID", "")), str(a.get("ifname", "")))
+                 for a in p.get("validAttachments") or []}
+        for record in list(self.state.endpoints.values()):
+            if record.network == network and record.key not in valid:
+                log.info("GC: releasing %s (not a valid attachment)", record.key)
+                self._teardown(record)
+        self.gc_orphans()
+        return {}
+
+    # ---------------------------------------------------------------- metadata
+    def pod_set(self, p: dict[str, Any]) -> dict[str, Any]:
+        namespace, name = _require(p, "namespace"), _require(p, "name")
+        labels = {str(k): str(v) for k, v in (p.get("labels") or {}).items()}
+        self.state.pods[f"{namespace}/{name}"] = labels
+        for record in self.state.endpoints.values():
+            if record.pod_namespace == namespace and record.pod_name == name:
+                old = record.identity
+                record.identity = self._acquire_identity(record)
+                if old:
+                    self.state.identities.release(old)
+                if record.state == EP_READY:
+                    self._write_map_entries(record)
+        self._save()
+        return {}
+
+    # ---------------------------------------------------------------- reads
+    def endpoint_list(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for record in sorted(self.state.endpoints.values(), key=lambda r: r.ep_id):
+            labels = self.state.identities.labels_of(record.identity) or frozenset()
+            out.append({
+                "id": record.ep_id,
+                "pod": f"{record.pod_namespace}/{record.pod_name}" if record.pod_name else "",
+                "containerID": record.container_id,
+                "ifname": record.ifname,
+                "netns": record.netns,
+                "hostInterface": record.host_ifname,
+                "addresses": record.addresses,
+                "identity": record.identity,
+                "labels": format_labels(labels),
+                "state": record.state,
+                "node": self.config.node_name,
+            })
+        return out
+
+    def status(self, p: dict[str, Any]) -> dict[str, Any]:
+        attached = 0
+        for record in self.state.endpoints.values():
+            if record.state == EP_READY:
+                with contextlib.suppress(Exception):
+                    ids = self.datapath.attached_program_ids(record.host_ifname)
+                    attached += 1 if ids.get("ingress") and ids.get("egress") else 0
+        return {
+            "node": self.config.node_name,
+            "healthy": True,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "endpoints": len(self.state.endpoints),
+            "endpoints_attached": attached,
+            "programs": self.datapath.programs(),
+            "maps": {k: {"entries": v[0], "max": v[1]} for k, v in self.datapath.map_fill().items()},
+            "counters": {k: {"packets": v[0], "bytes": v[1]} for k, v in self.datapath.counters().items()},
+            "ipam": {f"ipv{v}": {"block": str(a.block), "used": a.used, "capacity": a.capacity}
+                     for v, a in sorted(self.state.ipam.items())},
+            "last_reconcile": self.last_reconcile,
+            "pin_dir": str(self.config.pin_dir),
+        }
+
+    # ---------------------------------------------------------------- reconcile and GC
+    def reconcile(self) -> dict[str, Any]:
+        """Hold the kernel to the recorded state: roll back half-done ADDs, restore missing
+        interfaces and map entries, re-attach programs, remove stale links and map entries."""
+        report: dict[str, Any] = {"rolled_back": [], "restored_links": [], "released": [],
+                                  "stale_links": [], "stale_map_entries": [], "at": time.time()}
+        for record in list(self.state.endpoints.values()):
+            if record.state == EP_CREATING:
+                report["rolled_back"].append(record.key)
+                self._teardown(record)
+                continue
+            index = veth.host_link_index(record.host_ifname)
+            if index is None:
+                if os.path.exists(record.netns):
+                    # Restore: the pod still exists, its interface was lost.
+                    with contextlib.suppress(Exception):
+                        veth.delete_pod_link(record.netns, record.ifname)
+                    try:
+                        self._wire(record)
+                        report["restored_links"].append(record.key)
+                        continue
+                    except Exception as exc:
+                        log.warning("restoring %s failed: %s", record.key, exc)
+                report["released"].append(record.key)
+                self._teardown(record)
+                continue
+            record.host_ifindex = index
+            self.datapath.attach(record.host_ifname)
+            self._write_map_entries(record)
+        wanted_ips = {ip for r in self.state.endpoints.values() for ip in r.ips()}
+        for ip in list(self.datapath.endpoints()):
+            if ip not in wanted_ips:
+                self.datapath.delete_endpoint(ip)
+                report["stale_map_entries"].append(str(ip))
+        wanted_links = {r.host_ifname for r in self.state.endpoints.values()}
+        for name in veth.list_host_links():
+            if name not in wanted_links:
+                veth.delete_host_link(name)
+                report["stale_links"].append(name)
+        self.gc_orphans()
+        self._save()
+        self.last_reconcile = report
+        return report
+
+    def gc_orphans(self) -> list[str]:
+        """Release addresses no endpoint holds (a crash between two writes can leave one)."""
+        owners = set(self.state.endpoints)
+        freed: list[str] = []
+        for alloc in self.state.ipam.values():
+            for ip, owner in list(alloc.allocations().items()):
+                if owner not in owners:
+                    alloc.release(ip)
+                    freed.append(str(ip))
+        if freed:
+            log.info("GC released %s", freed)
+            self._save()
+        return freed
+
+    def periodic_gc(self) -> dict[str, Any]:
+        """Endpoints whose netns and interface are both gone were deleted without a DEL."""
+        released = []
+        for record in list(self.state.endpoints.values()):
+            if (record.state == EP_READY and not os.path.exists(record.netns)
+                    and veth.host_link_index(record.host_ifname) is None):
+                released.append(record.key)
+                self._teardown(record)
+        return {"released": released, "orphans": self.gc_orphans()}
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "cni.add": self.cni_add, "cni.del": self.cni_del, "cni.check": self.cni_check,
+            "cni.status": self.cni_status, "cni.gc": self.cni_gc, "pod.set": self.pod_set,
+            "endpoint.list": self.endpoint_list, "status": self.status,
+            "ping": lambda p: {"node": self.config.node_name},
+            "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
+        }
+
+    def _result(self, record: EndpointRecord) -> dict[str, Any]:
+        ips, routes = [], []
+        for ip in record.ips():
+            gw = gateway_of(self.blocks[ip.version])
+            ips.append({"address": f"{ip}/{ip.max_prefixlen}", "gateway": str(gw), "interface": 1})
+            routes.append({"dst": "0.0.0.0/0" if ip.version == 4 else "::/0", "gw": str(gw)})
+        return {
+            "interfaces": [
+                {"name": record.host_ifname, "mac": record.host_mac},
+                {"name": record.ifname, "mac": record.pod_mac, "sandbox": record.netns},
+            ],
+            "ips": ips,
+            "routes": routes,
+            "dns": {},
+        }
+
+
+def _require(p: dict[str, Any], name: str) -> str:
+    value = p.get(name)
+    if not isinstance(value, str) or not value:
+        raise AgentError(INVALID_ENV, f"request lacks {name}")
+    return value

@@ -1,0 +1,102 @@
+"""weft-agent entry point: load the datapath, reconcile, serve the API, run periodic passes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from weft.agent.config import NodeConfig
+from weft.agent.endpoints import EndpointManager
+from weft.agent.server import ApiServer
+from weft.datapath.loader import NodeDatapath, default_object_path
+
+log = logging.getLogger("weft.agent")
+
+
+def drain_del_queue(manager: EndpointManager, queue_dir: Path) -> list[str]:
+    """Apply the DELs weft-cni queued while the agent was away (a DEL is never lost)."""
+    done: list[str] = []
+    if not queue_dir.is_dir():
+        return done
+    for path in sorted(queue_dir.glob("*.json")):
+        try:
+            params: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("queued DEL %s unreadable, dropped: %s", path, exc)
+            path.unlink(missing_ok=True)
+            continue
+        manager.cni_del(params)
+        path.unlink(missing_ok=True)
+        done.append(path.name)
+    return done
+
+
+async def run(config: NodeConfig) -> None:
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
+    loop = asyncio.get_running_loop()
+    datapath = NodeDatapath(config.pin_dir, config.bpf_object or default_object_path())
+    await loop.run_in_executor(worker, datapath.load)
+    manager = await loop.run_in_executor(worker, EndpointManager, config, datapath)
+    report = await loop.run_in_executor(worker, manager.reconcile)
+    log.info("start-up reconcile: %s", report)
+    drained = await loop.run_in_executor(worker, drain_del_queue, manager, config.del_queue_dir)
+    if drained:
+        log.info("applied queued DELs: %s", drained)
+
+    server = ApiServer(config.socket_path, manager.handlers(), worker)
+    await server.start()
+    log.info("agent for %s serving on %s", config.node_name, config.socket_path)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def every(interval: float, fn: Any, *args: Any) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            try:
+                await loop.run_in_executor(worker, fn, *args)
+            except Exception:
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    tasks = [
+        asyncio.create_task(every(config.reconcile_interval_s, manager.reconcile)),
+        asyncio.create_task(every(config.gc_interval_s, manager.periodic_gc)),
+        asyncio.create_task(every(config.gc_interval_s, drain_del_queue, manager, config.del_queue_dir)),
+    ]
+    await stop.wait()
+    log.info("stopping; the datapath stays pinned and attached")
+    for task in tasks:
+        task.cancel()
+    await server.close()
+    worker.shutdown(wait=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="weft-agent", description="weft per-node agent")
+    parser.add_argument("--config", type=Path, required=True, help="node configuration JSON")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = NodeConfig.load(args.config)
+    except Exception as exc:
+        print(f"weft-agent: invalid config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The ``weft`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
+from weft.cli.output import Format, console, err_console, print_json, table
+from weft.lab.cluster import Lab, LabError
+from weft.lab.runtime import CniError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="weft: eBPF container networking. Lab, status, endpoints.")
+lab_app = typer.Typer(no_args_is_help=True, help="A cluster on this machine, in network namespaces.")
+pod_app = typer.Typer(no_args_is_help=True, help="Pods of the lab.")
+agent_app = typer.Typer(no_args_is_help=True, help="Agents of the lab's nodes.")
+endpoint_app = typer.Typer(no_args_is_help=True, help="Endpoints (pod interfaces) known to agents.")
+app.add_typer(lab_app, name="lab")
+lab_app.add_typer(pod_app, name="pod")
+lab_app.add_typer(agent_app, name="agent")
+app.add_typer(endpoint_app, name="endpoint")
+
+LabOpt = Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name (prefix of everything it makes)")]
+OutOpt = Annotated[Format, typer.Option("-o", "--output", help="table or json")]
+NodeOpt = Annotated[str | None, typer.Option("--node", help="one node (default: every node)")]
+SocketOpt = Annotated[Path | None, typer.Option("--socket", help="talk to the agent at this socket instead of a lab")]
+
+
+def fail(msg: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {msg}")
+    return typer.Exit(code)
+
+
+def _clients(lab: str, node: str | None, socket: Path | None) -> list[tuple[str, AgentClient]]:
+    if socket is not None:
+        return [(str(socket), AgentClient(socket))]
+    lab_obj = Lab(lab)
+    state = lab_obj.load()
+    nodes = [lab_obj.node(state, node)] if node else state.nodes
+    return [(n.name, lab_obj.client(n)) for n in nodes]
+
+
+# ---------------------------------------------------------------------- lab
+@lab_app.command("up")
+def lab_up(lab: LabOpt = "weft",
+           nodes: Annotated[int, typer.Option("--nodes", help="number of nodes")] = 1,
+           ip_family: Annotated[str, typer.Option("--ip-family", help="ipv4, ipv6 or dual")] = "dual") -> None:
+    """Create node namespaces, each with its own agent."""
+    try:
+        with console.status(f"bringing up lab {lab} with {nodes} node(s)") as status:
+            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m))
+    except (LabError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"lab [bold]{lab}[/bold] up: " + ", ".join(f"{n.name} ({n.netns})" for n in state.nodes))
+
+
+@lab_app.command("down")
+def lab_down(lab: LabOpt = "weft") -> None:
+    """Remove everything the lab made (also after a crash)."""
+    removed = Lab(lab).down()
+    console.print(f"lab {lab} down: removed {len(removed)} item(s)")
+
+
+@pod_app.command("add")
+def pod_add(ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
+            lab: LabOpt = "weft",
+            node: NodeOpt = None,
+            labels: Annotated[str, typer.Option("--labels", help="k=v,k2=v2")] = "",
+            serve: Annotated[str, typer.Option("--serve", help="tcp:80,udp:80,http:8080")] = "") -> None:
+    """Create a pod namespace and wire it by invoking weft-cni as a container runtime does."""
+    try:
+        pod = Lab(lab).pod_add(ref, node_name=node, labels=parse_labels(labels),
+                               serve=[s for s in serve.split(",") if s])
+    except (LabError, CniError, AgentCallError, AgentUnavailable, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"pod {pod.key} on {pod.node}: {', '.join(pod.addresses)}")
+
+
+@pod_app.command("del")
+def pod_del(ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME")], lab: LabOpt = "weft") -> None:
+    """Delete a pod (CNI DEL, then its namespace)."""
+    try:
+        Lab(lab).pod_del(ref)
+    except (LabError, CniError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"pod {ref} deleted")
+
+
+@pod_app.command("list")
+def pod_list(lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
+    """Pods of the lab."""
+    try:
+        state = Lab(lab).load()
+    except LabError as exc:
+        raise fail(str(exc)) from None
+    pods = [{"pod": p.key, "node": p.node, "addresses": p.addresses, "labels": p.labels, "serve": p.serve,
+             "netns": p.netns} for p in state.pods.values()]
+    if output == Format.json:
+        print_json(pods)
+        return
+    table(f"pods of lab {lab}", ["POD", "NODE", "ADDRESSES", "LABELS", "SERVE"],
+          [[p["pod"], p["node"], p["addresses"], ",".join(f"{k}={v}" for k, v in p["labels"].items()),
+            ",".join(p["serve"])] for p in pods])
+
+
+@lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lab_exec(ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
+             command: Annotated[list[str], typer.Argument(help="-- CMD ...")],
+             lab: LabOpt = "weft") -> None:
+    """Run a command inside a pod's network namespace."""
+    try:
+        argv = Lab(lab).exec_argv(ref, command)
+    except LabError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(subprocess.call(argv))
+
+
+@agent_app.command("stop")
+def agent_stop(node: Annotated[str, typer.Argument()], lab: LabOpt = "weft",
+               kill: Annotated[bool, typer.Option("--kill", help="SIGKILL instead of SIGTERM")] = False) -> None:
+    """Stop a node's agent (the datapath keeps forwarding)."""
+    import signal
+
+    lab_obj = Lab(lab)
+    lab_obj.stop_agent(lab_obj.load(), node, signal.SIGKILL if kill else signal.SIGTERM)
+    console.print(f"agent of {node} stopped")
+
+
+@agent_app.command("start")
+def agent_start(node: Annotated[str, typer.Argument()], lab: LabOpt = "weft") -> None:
+    """Start a node's agent; it adopts the pinned datapath and reconciles."""
+    lab_obj = Lab(lab)
+    try:
+        pid = lab_obj.start_agent(lab_obj.load(), node)
+    except LabError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"agent of {node} running (pid {pid})")
+
+
+# ---------------------------------------------------------------------- status / endpoints
+@app.command("status")
+def status(lab: LabOpt = "weft", node: NodeOpt = None, socket: SocketOpt = None, output: OutOpt = Format.table) -> None:
+    """Agent health, programs attached, map fill levels."""
+    try:
+        clients = _clients(lab, node, socket)
+    except LabError as exc:
+        raise fail(str(exc)) from None
+    results: list[dict[str, Any]] = []
+    for name, client in clients:
+        try:
+            results.append(client.call("status"))
+        except (AgentUnavailable, AgentCallError) as exc:
+            results.append({"node": name, "healthy": False, "error": str(exc)})
+    if output == Format.json:
+        print_json(results)
+    else:
+        for st in results:
+            _print_status(st)
+    if not all(r.get("healthy") for r in results):
+        raise typer.Exit(1)
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    if not st.get("healthy"):
+        console.print(f"[bold]{st['node']}[/bold]: [red]unreachable[/red] — {st.get('error')}")
+        return
+    console.print(f"[bold]{st['node']}[/bold]: [green]healthy[/green], up {st['uptime_s']}s, "
+                  f"{st['endpoints']} endpoint(s), {st['endpoints_attached']} with programs attached")
+    table("programs", ["NAME", "ID", "PINNED"], [[p["name"], p["id"], p["pinned"]] for p in st["programs"]])
+    table("maps", ["MAP", "ENTRIES", "MAX", "FILL"],
+          [[k, v["entries"], v["max"], f"{100 * v['entries'] / max(v['max'], 1):.1f}%"] for k, v in st["maps"].items()])
+    table("IPAM", ["FAMILY", "BLOCK", "USED", "CAPACITY"],
+          [[k, v["block"], v["used"], v["capacity"]] for k, v in st["ipam"].items()])
+    table("datapath counters", ["COUNTER", "PACKETS", "BYTES"],
+          [[k, v["packets"], v["bytes"]] for k, v in st["counters"].items() if v["packets"]])
+
+
+@endpoint_app.command("list")
+def endpoint_list(lab: LabOpt = "weft", node: NodeOpt = None, socket: SocketOpt = None,
+                  output: OutOpt = Format.table) -> None:
+    """Endpoints: id, pod, IPs, identity and labels, state."""
+    try:
+        clients = _clients(lab, node, socket)
+        rows: list[dict[str, Any]] = []
+        for _name, client in clients:
+            rows.extend(client.call("endpoint.list"))
+    except (LabError, AgentUnavailable, AgentCallError) as exc:
+        raise fail(str(exc)) from None
+    if output == Format.json:
+        print_json(rows)
+        return
+    table("endpoints", ["NODE", "ID", "POD", "ADDRESSES", "IDENTITY", "LABELS", "STATE"],
+          [[r["node"], r["id"], r["pod"], r["addresses"], r["identity"], r["labels"], r["state"]] for r in rows])
+
+
+@app.command("demo")
+def demo(lab: Annotated[str, typer.Option("--lab")] = "weft-demo",
+         keep: Annotated[bool, typer.Option("--keep", help="leave the lab up afterwards")] = False) -> None:
+    """A one-node lab with three pods; pod-to-pod connectivity over IPv4 and IPv6."""
+    from weft.lab.demo import run_demo
+
+    raise typer.Exit(run_demo(lab, keep=keep))
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {item!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        err_console.print("weft: most commands need root (network namespaces, bpffs)")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

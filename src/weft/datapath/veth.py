@@ -1,0 +1,237 @@
+"""Pod interfaces: the veth pair between a pod's netns and the node's netns.
+
+The agent runs inside the node's netns, so the host side is configured with a plain IPRoute
+socket. Work inside a pod's netns runs in a dedicated short-lived thread that enters the netns
+first (a netns belongs to a thread, not a process), so no thread that does other work ever
+changes namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import setns
+
+from weft.types.addresses import IPAddress
+
+HOST_IF_PREFIX = "lxc"
+T = TypeVar("T")
+
+
+class LinkError(Exception):
+    """A pod interface could not be set up or inspected."""
+
+
+@dataclass(frozen=True)
+class PodAddress:
+    address: IPAddress
+    gateway: IPAddress
+
+
+@dataclass(frozen=True)
+class PodLink:
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+
+
+def host_ifname_for(container_id: str, ifname: str) -> str:
+    """A stable, unique host-side name within IFNAMSIZ (15): ``lxc`` + 11 hex digits."""
+    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return HOST_IF_PREFIX + digest[:11]
+
+
+def run_in_netns(netns_path: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a fresh thread that has entered ``netns_path``; return its result or raise."""
+    if not os.path.exists(netns_path):
+        raise LinkError(f"network namespace {netns_path} does not exist")
+    box: dict[str, object] = {}
+
+    def worker() -> None:
+        try:
+            setns(netns_path, flags=0)  # flags=0: never create a missing netns
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=worker, name=f"netns:{netns_path}")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        err = box["error"]
+        assert isinstance(err, BaseException)
+        raise err
+    return box["result"]  # type: ignore[return-value]
+
+
+def _mac_of(ipr: IPRoute, index: int) -> str:
+    link = ipr.get_links(index)[0]
+    return str(link.get_attr("IFLA_ADDRESS"))
+
+
+def create_pod_link(
+    netns_path: str,
+    container_id: str,
+    pod_ifname: str,
+    addresses: list[PodAddress],
+    mtu: int = 1500,
+) -> PodLink:
+    """Create the veth pair with its peer directly in the pod's netns and configure the pod side:
+    addresses as /32 and /128 (IPv6 without DAD), a link-scope route to each gateway and a default
+    route through it. The datapath answers ARP/NDP for the gateways. Undoes itself on failure."""
+    host_ifname = host_ifname_for(container_id, pod_ifname)
+    try:
+        ns_fd = os.open(netns_path, os.O_RDONLY)
+    except OSError as exc:
+        raise LinkError(f"cannot open network namespace {netns_path}: {exc.strerror}") from exc
+    with IPRoute() as ipr:
+        try:
+            ipr.link(
+                "add", ifname=host_ifname, kind="veth", mtu=mtu,
+                peer={"ifname": pod_ifname, "net_ns_fd": ns_fd, "mtu": mtu},
+            )
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise LinkError(
+                    f"interface {pod_ifname} already exists in {netns_path} or {host_ifname} on the node"
+                ) from exc
+            raise LinkError(f"creating veth {host_ifname}/{pod_ifname}: {exc}") from exc
+        finally:
+            os.close(ns_fd)
+        try:
+            index = ipr.link_lookup(ifname=host_ifname)[0]
+            ipr.link("set", index=index, state="up")
+            host_mac = _mac_of(ipr, index)
+            pod_mac = run_in_netns(netns_path, lambda: _configure_pod_side(pod_ifname, addresses))
+            return PodLink(host_ifname, index, host_mac, pod_ifname, pod_mac)
+        except BaseException:
+            delete_host_link(host_ifname)
+            raise
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        pass  # absent for this family: nothing to configure
+
+
+def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> str:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=pod_ifname)
+        if not found:
+            raise LinkError(f"{pod_ifname} did not appear in the pod's netns")
+        index = found[0]
+        for pa in addresses:
+            if pa.address.version == 6:
+                # Make sure IPv6 is on for the pod's interface even if the netns defaulted it off.
+                _write_sysctl(f"/proc/sys/net/ipv6/conf/{pod_ifname}/disable_ipv6", "0")
+                _write_sysctl(f"/proc/sys/net/ipv6/conf/{pod_ifname}/accept_dad", "0")
+        ipr.link("set", index=index, state="up")
+        for pa in addresses:
+            kwargs: dict[str, object] = {}
+            if pa.address.version == 6:
+                kwargs["flags"] = 0x02 | 0x80  # IFA_F_NODAD | IFA_F_PERMANENT-like: usable at once
+            ipr.addr("add", index=index, address=str(pa.address), prefixlen=pa.address.max_prefixlen,
+                     **kwargs)
+            family_default = "0.0.0.0/0" if pa.address.version == 4 else "::/0"
+            ipr.route("add", dst=f"{pa.gateway}/{pa.gateway.max_prefixlen}", oif=index, scope=253)
+            ipr.route("add", dst=family_default, gateway=str(pa.gateway), oif=index)
+        return _mac_of(ipr, index)
+
+
+def delete_host_link(host_ifname: str) -> bool:
+    """Delete the host side (the kernel removes the peer with it). False if it was already gone."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=host_ifname)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+        return True
+
+
+def host_link_index(host_ifname: str) -> int | None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=host_ifname)
+        return found[0] if found else None
+
+
+def list_host_links() -> dict[str, int]:
+    """Every ``lxc*`` link in the node's netns: name -> ifindex."""
+    out: dict[str, int] = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = str(link.get_attr("IFLA_IFNAME"))
+            if name.startswith(HOST_IF_PREFIX):
+                out[name] = int(link["index"])
+    return out
+
+
+def add_node_routes(host_ifname: str, addresses: list[IPAddress]) -> None:
+    """Routes in the node's netns to the pod through its veth, so the node itself reaches pods."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=host_ifname)[0]
+        for ip in addresses:
+            try:
+                ipr.route("replace", dst=f"{ip}/{ip.max_prefixlen}", oif=index, scope=253)
+            except NetlinkError as exc:
+                # IPv6 is disabled on the host veth; such routes need no link-local there.
+                if exc.code not in (errno.EACCES, errno.EPERM, errno.ENETUNREACH, errno.EINVAL):
+                    raise
+
+
+@dataclass(frozen=True)
+class PodSideState:
+    ifname: str
+    mac: str
+    addresses: list[str]
+    up: bool
+
+
+def inspect_pod_side(netns_path: str, pod_ifname: str) -> PodSideState | None:
+    """What the pod's interface looks like now (for CNI CHECK); None if it is missing."""
+
+    def look() -> PodSideState | None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=pod_ifname)
+            if not found:
+                return None
+            link = ipr.get_links(found[0])[0]
+            addrs = [
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=found[0])
+                if not ipaddress.ip_address(a.get_attr("IFA_ADDRESS")).is_link_local
+            ]
+            up = bool(link["flags"] & 1)
+            return PodSideState(pod_ifname, str(link.get_attr("IFLA_ADDRESS")), addrs, up)
+
+    return run_in_netns(netns_path, look)
+
+
+def delete_pod_link(netns_path: str, pod_ifname: str) -> None:
+    """Remove a leftover pod-side interface (before re-creating a lost pair)."""
+
+    def remove() -> None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=pod_ifname)
+            if found:
+                ipr.link("del", index=found[0])
+
+    run_in_netns(netns_path, remove)

@@ -1,0 +1,393 @@
+"""The lab cluster: node namespaces with their agents, pods wired by the real weft-cni.
+
+Layout of one lab named ``L`` (default ``weft``):
+- network namespaces ``L-node-1`` .. ``L-node-N`` and one ``L-pod-<ns>-<name>`` per pod;
+- files under ``/run/weft/labs/L/`` (lab.json, per-node config, CNI config dir, agent socket,
+  agent state and logs, the CNI bin dir with the weft-cni launcher, CNI result cache);
+- pins under ``/sys/fs/bpf/weft/L/<node>/``;
+- processes (agents, pod servers) carry ``WEFT_LAB=L`` in their environment, so ``down`` finds
+  them even when lab.json was lost in a crash.
+Nothing is added to the root namespace, and no namespace has a route out of the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weft.agent.client import AgentClient, AgentUnavailable
+from weft.cni.launcher import write_launcher
+from weft.ipam.pool import IPFamilies, default_pools
+from weft.lab.runtime import CniRuntime
+from weft.lab.servers import ServeSpec
+
+LABS_DIR = Path("/run/weft/labs")
+BPF_DIR = Path("/sys/fs/bpf/weft")
+NETNS_DIR = Path("/run/netns")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class LabError(Exception):
+    pass
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it holds or the deadline passes (no blind sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    index: int
+    netns: str
+    config_path: str
+    socket_path: str
+    conf_dir: str
+    agent_pid: int = 0
+
+
+@dataclass
+class PodInfo:
+    namespace: str
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    labels: dict[str, str] = field(default_factory=dict)
+    serve: list[str] = field(default_factory=list)
+    server_pid: int = 0
+    addresses: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class LabState:
+    name: str
+    ip_family: str = "dual"
+    nodes: list[NodeInfo] = field(default_factory=list)
+    pods: dict[str, PodInfo] = field(default_factory=dict)
+
+
+class Lab:
+    def __init__(self, name: str = "weft") -> None:
+        if not name or len(name) > 16 or not name.replace("-", "").isalnum():
+            raise LabError(f"lab name {name!r} must be 1-16 letters, digits or dashes")
+        self.name = name
+        self.base = LABS_DIR / name
+        self.state_path = self.base / "lab.json"
+        self.bin_dir = self.base / "cni" / "bin"
+        self.cache_dir = self.base / "cni" / "cache"
+        self.pin_root = BPF_DIR / name
+
+    # ------------------------------------------------------------------ state
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def load(self) -> LabState:
+        if not self.exists():
+            raise LabError(f"lab {self.name!r} is not up (no {self.state_path}); run `weft lab up`")
+        raw = json.loads(self.state_path.read_text())
+        return LabState(
+            name=raw["name"], ip_family=raw.get("ip_family", "dual"),
+            nodes=[NodeInfo(**n) for n in raw["nodes"]],
+            pods={k: PodInfo(**v) for k, v in raw["pods"].items()},
+        )
+
+    def save(self, state: LabState) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=1))
+        os.replace(tmp, self.state_path)
+
+    def node(self, state: LabState, name: str) -> NodeInfo:
+        for node in state.nodes:
+            if node.name == name:
+                return node
+        raise LabError(f"no node {name!r} in lab {self.name} (nodes: {', '.join(n.name for n in state.nodes)})")
+
+    def client(self, node: NodeInfo, timeout: float = 30.0) -> AgentClient:
+        return AgentClient(Path(node.socket_path), timeout=timeout)
+
+    def runtime(self, node: NodeInfo) -> CniRuntime:
+        return CniRuntime(conf_dir=Path(node.conf_dir), bin_dirs=[self.bin_dir], cache_dir=self.cache_dir,
+                          exec_netns=str(NETNS_DIR / node.netns))
+
+    # ------------------------------------------------------------------ up / down
+    def up(self, nodes: int = 1, ip_family: str = "dual", progress: Callable[[str], None] | None = None) -> LabState:
+        say = progress or (lambda _msg: None)
+        family = IPFamilies(ip_family)
+        if nodes < 1 or nodes > 250:
+            raise LabError(f"--nodes {nodes}: a lab has 1 to 250 nodes")
+        if self.exists():
+            raise LabError(f"lab {self.name!r} is already up; `weft lab down` first")
+        self.down(quiet=True)  # leftovers of a crashed run
+        _ensure_bpffs()
+        self.base.mkdir(parents=True, exist_ok=True)
+        write_launcher(self.bin_dir / "weft-cni")
+        state = LabState(name=self.name, ip_family=family.value)
+        self.save(state)
+        pools = default_pools()
+        try:
+            for i in range(1, nodes + 1):
+                node = self._make_node(i, family, pools)
+                state.nodes.append(node)
+                self.save(state)
+                say(f"node {node.name}: netns {node.netns}")
+                self.start_agent(state, node.name)
+                say(f"node {node.name}: agent ready")
+        except BaseException:
+            self.down(quiet=True)
+            raise
+        return state
+
+    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, Any]) -> NodeInfo:
+        name = f"node-{index}"
+        netns = f"{self.name}-{name}"
+        _run("ip", "netns", "add", netns)
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        node_dir = self.base / name
+        conf_dir = node_dir / "net.d"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        socket_path = node_dir / "agent.sock"
+        config = {
+            "node_name": name,
+            "state_dir": str(node_dir / "state"),
+            "socket_path": str(socket_path),
+            "pin_dir": str(self.pin_root / name),
+            "ip_family": family.value,
+            "pod_block_v4": str(pools[4].node_block(index)) if 4 in family.versions else None,
+            "pod_block_v6": str(pools[6].node_block(index)) if 6 in family.versions else None,
+        }
+        config_path = node_dir / "node.json"
+        config_path.write_text(json.dumps(config, indent=1))
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "plugins": [{"type": "weft-cni", "agentSocket": str(socket_path)}],
+        }
+        (conf_dir / "10-weft.conflist").write_text(json.dumps(conflist, indent=1))
+        return NodeInfo(name=name, index=index, netns=netns, config_path=str(config_path),
+                        socket_path=str(socket_path), conf_dir=str(conf_dir))
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env["WEFT_LAB"] = self.name
+        env.update(extra)
+        return env
+
+    def start_agent(self, state: LabState, node_name: str) -> int:
+        node = self.node(state, node_name)
+        log = open(Path(node.config_path).parent / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / node.netns}", sys.executable, "-m", "weft.agent.main",
+             "--config", node.config_path],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=self._env(),
+        )
+        log.close()
+        node.agent_pid = proc.pid
+        self.save(state)
+        client = self.client(node, timeout=5)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"agent of {node.name} exited with {proc.returncode}; see "
+                               f"{Path(node.config_path).parent / 'agent.log'}")
+            return client.alive()
+
+        wait_for(f"agent of {node.name}", ready, timeout=30)
+        return proc.pid
+
+    def stop_agent(self, state: LabState, node_name: str, sig: int = signal.SIGTERM) -> None:
+        node = self.node(state, node_name)
+        pid = node.agent_pid
+        if pid and _alive(pid):
+            os.kill(pid, sig)
+            wait_for(f"agent pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        node.agent_pid = 0
+        self.save(state)
+
+    def down(self, quiet: bool = False) -> list[str]:
+        """Remove everything the lab made, found by name and marker, not only from lab.json."""
+        removed: list[str] = []
+        for pid in _pids_with_env("WEFT_LAB", self.name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                removed.append(f"process {pid}")
+        for pid in [p for p in removed if p.startswith("process ")]:
+            num = int(pid.split()[1])
+            with contextlib.suppress(LabError):
+                wait_for(f"pid {num} to exit", lambda n=num: not _alive(n), timeout=10)  # type: ignore[misc]
+        prefix = f"{self.name}-"
+        if NETNS_DIR.is_dir():
+            for entry in sorted(NETNS_DIR.iterdir()):
+                if entry.name.startswith(prefix + "node-") or entry.name.startswith(prefix + "pod-"):
+                    _run("ip", "netns", "del", entry.name, check=False)
+                    removed.append(f"netns {entry.name}")
+        if self.pin_root.exists():
+            shutil.rmtree(self.pin_root, ignore_errors=True)
+            removed.append(f"pins {self.pin_root}")
+        if self.base.exists():
+            shutil.rmtree(self.base, ignore_errors=True)
+            removed.append(f"dir {self.base}")
+        return removed
+
+    # ------------------------------------------------------------------ pods
+    def pod_add(self, ref: str, node_name: str | None = None, labels: dict[str, str] | None = None,
+                serve: list[str] | None = None) -> PodInfo:
+        namespace, name = parse_pod_ref(ref)
+        specs = [ServeSpec.parse(s) for s in serve or []]
+        state = self.load()
+        if ref in state.pods or f"{namespace}/{name}" in state.pods:
+            raise LabError(f"pod {namespace}/{name} already exists")
+        if node_name is None:
+            counts = {n.name: 0 for n in state.nodes}
+            for pod in state.pods.values():
+                counts[pod.node] = counts.get(pod.node, 0) + 1
+            node_name = min(state.nodes, key=lambda n: (counts[n.name], n.index)).name
+        node = self.node(state, node_name)
+        netns = f"{self.name}-pod-{namespace}-{name}"
+        container_id = uuid.uuid4().hex + uuid.uuid4().hex
+        pod = PodInfo(namespace=namespace, name=name, node=node.name, netns=netns, container_id=container_id,
+                      labels=dict(labels or {}), serve=[str(s) for s in specs])
+        # What the API server would hold for kubelet: the pod's labels, before its sandbox.
+        self.client(node).call("pod.set", {"namespace": namespace, "name": name, "labels": pod.labels})
+        _run("ip", "netns", "add", netns)
+        try:
+            _run("ip", "-n", netns, "link", "set", "lo", "up")
+            result = self.runtime(node).add(container_id, str(NETNS_DIR / netns), "eth0",
+                                            args=cni_args(namespace, name, container_id))
+            pod.addresses = [ip["address"].split("/")[0] for ip in result.get("ips", [])]
+            if specs:
+                pod.server_pid = self._start_servers(pod, specs)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.runtime(node).delete(container_id, str(NETNS_DIR / netns), "eth0",
+                                          args=cni_args(namespace, name, container_id))
+            _run("ip", "netns", "del", netns, check=False)
+            raise
+        state.pods[pod.key] = pod
+        self.save(state)
+        return pod
+
+    def _start_servers(self, pod: PodInfo, specs: list[ServeSpec]) -> int:
+        ready_file = self.base / "servers" / f"{pod.netns}.ready"
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.unlink(missing_ok=True)
+        log = open(ready_file.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / pod.netns}", sys.executable, "-m", "weft.lab.servers",
+             *[str(s) for s in specs]],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            env=self._env(WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD=pod.key),
+        )
+        log.close()
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"servers of {pod.key} exited: see {ready_file.with_suffix('.log')}")
+            return ready_file.exists()
+
+        wait_for(f"servers of {pod.key}", ready, timeout=20)
+        return proc.pid
+
+    def pod_del(self, ref: str) -> None:
+        namespace, name = parse_pod_ref(ref)
+        state = self.load()
+        pod = state.pods.get(f"{namespace}/{name}")
+        if pod is None:
+            raise LabError(f"no pod {namespace}/{name} in lab {self.name}")
+        if pod.server_pid and _alive(pod.server_pid):
+            os.kill(pod.server_pid, signal.SIGKILL)
+            wait_for("pod servers to exit", lambda: not _alive(pod.server_pid), timeout=10)
+        node = self.node(state, pod.node)
+        netns_path = str(NETNS_DIR / pod.netns)
+        self.runtime(node).delete(pod.container_id, netns_path, "eth0",
+                                  args=cni_args(namespace, name, pod.container_id))
+        _run("ip", "netns", "del", pod.netns, check=False)
+        del state.pods[pod.key]
+        self.save(state)
+
+    def pod(self, ref: str) -> PodInfo:
+        namespace, name = parse_pod_ref(ref)
+        state = self.load()
+        pod = state.pods.get(f"{namespace}/{name}")
+        if pod is None:
+            raise LabError(f"no pod {namespace}/{name} in lab {self.name}")
+        return pod
+
+    def exec_argv(self, ref: str, command: list[str]) -> list[str]:
+        pod = self.pod(ref)
+        return ["nsenter", f"--net={NETNS_DIR / pod.netns}", *command]
+
+
+def parse_pod_ref(ref: str) -> tuple[str, str]:
+    namespace, sep, name = ref.partition("/")
+    if not sep:
+        namespace, name = "default", ref
+    for part in (namespace, name):
+        if not part or len(part) > 63 or not all(c.isalnum() or c == "-" for c in part) \
+                or not part[0].isalnum() or not part[-1].isalnum() or part != part.lower():
+            raise LabError(f"pod reference {ref!r}: {part!r} is not a DNS-1123 label (lower-case "
+                           "letters, digits and dashes, at most 63)")
+    return namespace, name
+
+
+def cni_args(namespace: str, name: str, container_id: str) -> str:
+    """CNI_ARGS as containerd's CRI plugin sends them."""
+    return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+            f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uuid.uuid5(uuid.NAMESPACE_DNS, name)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # A zombie has exited; it only waits for its parent to reap it.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    marker = f"{key}={value}".encode()
+    me = os.getpid()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in env.split(b"\0"):
+            out.append(int(entry.name))
+    return out
+
+
+def _ensure_bpffs() -> None:
+    if _run("mountpoint", "-q", "/sys/fs/bpf", check=False).returncode != 0:
+        _run("mount", "-t", "bpf", "bpf", "/sys/fs/bpf")

@@ -1,0 +1,58 @@
+"""Connectivity probes run from inside a pod's netns: ping, TCP echo, UDP echo.
+
+Each probe is a short-lived child process entered into the pod's netns with nsenter, so the
+caller's threads never change namespace.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+_CLIENT = r"""
+import socket, sys
+proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+payload = b"weft-probe"
+try:
+    if proto == "tcp":
+        s = socket.create_connection((host, port), timeout=timeout)
+        s.sendall(payload); got = s.recv(100)
+    else:
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout)
+        s.sendto(payload, (host, port)); got = s.recv(100)
+    print("connected" if got == payload else "mismatch")
+except ConnectionRefusedError:
+    print("refused")
+except (TimeoutError, socket.timeout):
+    print("timeout")
+except OSError as e:
+    print("error:" + str(e))
+"""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    outcome: str  # connected | refused | timeout | mismatch | error:...
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "connected"
+
+
+def probe(netns: str, proto: str, host: str, port: int, timeout: float = 2.0) -> ProbeResult:
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", _CLIENT, proto, host, str(port), str(timeout)],
+        capture_output=True, text=True, timeout=timeout + 10, check=False,
+    )
+    return ProbeResult(out.stdout.strip() or f"error:{out.stderr.strip()}")
+
+
+def ping(netns: str, host: str, count: int = 2, timeout: float = 2.0) -> bool:
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", "ping", "-n", "-q", "-c", str(count), "-i", "0.2",
+         "-W", str(int(timeout)), host],
+        capture_output=True, text=True, timeout=timeout * count + 10, check=False,
+    )
+    return out.returncode == 0
