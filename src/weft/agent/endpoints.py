@@ -21,6 +21,7 @@ from typing import Any
 
 from weft.agent.config import NodeConfig
 from weft.agent.errors import (
+    ALREADY_EXISTS,
     CHECK_FAILED,
     INVALID_ENV,
     IO_FAILURE,
@@ -57,13 +58,11 @@ class EndpointManager:
         container_id, ifname, netns = _require(p, "containerID"), _require(p, "ifname"), _require(p, "netns")
         key = endpoint_key(container_id, ifname)
         existing = self.state.endpoints.get(key)
-        if existing is not None and existing.state == EP_READY:
-            if existing.netns == netns and veth.host_link_index(existing.host_ifname) is not None:
-                # A repeated ADD for an attachment that exists: the runtime lost our answer.
-                return self._result(existing)
-            self._teardown(existing)
-        elif existing is not None:
-            self._teardown(existing)
+        if existing is not None:
+            # The spec forbids a second ADD for a tuple without a DEL in between; refuse it and
+            # leave the existing attachment exactly as it is.
+            raise AgentError(ALREADY_EXISTS, f"container {container_id} already has interface {ifname} "
+                             f"(endpoint {existing.ep_id}, {', '.join(existing.addresses)}); DEL it first")
         if not os.path.exists(netns):
             raise AgentError(INVALID_ENV, f"CNI_NETNS {netns} does not exist")
         args = p.get("args") or {}
@@ -88,6 +87,7 @@ class EndpointManager:
         record.identity = self._acquire_identity(record)
         self.state.endpoints[key] = record
         self._save()
+        _fault_point("add-after-allocate")
 
         # Steps 2..: interfaces, datapath. Any failure undoes everything above.
         try:
@@ -226,6 +226,8 @@ class EndpointManager:
                 "ifname": record.ifname,
                 "netns": record.netns,
                 "hostInterface": record.host_ifname,
+                "hostMAC": record.host_mac,
+                "podMAC": record.pod_mac,
                 "addresses": record.addresses,
                 "identity": record.identity,
                 "labels": format_labels(labels),
@@ -348,6 +350,14 @@ class EndpointManager:
             "routes": routes,
             "dns": {},
         }
+
+
+def _fault_point(name: str) -> None:
+    """Crash here if the operator asked for it (WEFT_FAULT=<name>): tests use this to prove
+    that an agent killed at this instant leaks nothing."""
+    if os.environ.get("WEFT_FAULT") == name:
+        log.error("fault injection: exiting at %s", name)
+        os._exit(137)
 
 
 def _require(p: dict[str, Any], name: str) -> str:

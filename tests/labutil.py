@@ -1,0 +1,51 @@
+"""Helpers for privileged tests: names, node-namespace inspection, polling with deadlines."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def pod_name(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def in_netns(netns: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{netns}", *argv], capture_output=True, text=True,
+                          check=check, timeout=timeout)
+
+
+def links(netns: str) -> list[str]:
+    out = in_netns(netns, "ip", "-j", "link", "show").stdout
+    return [link["ifname"] for link in json.loads(out)]
+
+
+def snmp_counter(netns: str, proto: str, field: str) -> int:
+    """A counter of /proc/net/snmp (or snmp6) as seen inside ``netns``."""
+    path = "/proc/net/snmp6" if proto == "Ip6" else "/proc/net/snmp"
+    text = in_netns(netns, "cat", path).stdout
+    if proto == "Ip6":
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == f"Ip6{field}":
+                return int(value.strip())
+        raise KeyError(field)
+    lines = [ln for ln in text.splitlines() if ln.startswith(proto + ":")]
+    header, values = lines[0].split()[1:], lines[1].split()[1:]
+    return int(dict(zip(header, values, strict=True))[field])
+
+
+def counters(status: dict[str, Any]) -> dict[str, int]:
+    return {k: int(v["packets"]) for k, v in status["counters"].items()}
