@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labutil import in_netns, links, pod_name
 
+from labutil import in_netns, links, pod_name
 from weft.lab.cluster import NETNS_DIR, Lab, NodeInfo
 
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
@@ -44,7 +44,9 @@ class Plugin:
                "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_ARGS": args, "CNI_PATH": str(self.path.parent)}
         for key in drop:
             env.pop(key, None)
-        data = conf if isinstance(conf, bytes) else (conf.encode() if isinstance(conf, str) else json.dumps(conf).encode())
+        if isinstance(conf, dict):
+            conf = json.dumps(conf)
+        data = conf if isinstance(conf, bytes) else conf.encode()
         proc = subprocess.run(["nsenter", f"--net={self.node_netns}", str(self.path)], input=data, env=env,
                               capture_output=True, timeout=60, check=False)
         raw = proc.stdout.decode().strip()

@@ -56,7 +56,8 @@ class ApiServer:
         sock = writer.get_extra_info("socket")
         try:
             if sock is not None and peer_uid(sock) != 0:
-                await self._reply(writer, {"error": AgentError(BAD_REQUEST, "only root may use the agent API").to_json()})
+                denied = AgentError(BAD_REQUEST, "only root may use the agent API")
+                await self._reply(writer, {"error": denied.to_json()})
                 return
             while True:
                 line = await reader.readline()

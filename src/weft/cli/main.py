@@ -99,14 +99,13 @@ def pod_list(lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
         state = Lab(lab).load()
     except LabError as exc:
         raise fail(str(exc)) from None
-    pods = [{"pod": p.key, "node": p.node, "addresses": p.addresses, "labels": p.labels, "serve": p.serve,
-             "netns": p.netns} for p in state.pods.values()]
     if output == Format.json:
-        print_json(pods)
+        print_json([{"pod": p.key, "node": p.node, "addresses": p.addresses, "labels": p.labels, "serve": p.serve,
+                     "netns": p.netns} for p in state.pods.values()])
         return
     table(f"pods of lab {lab}", ["POD", "NODE", "ADDRESSES", "LABELS", "SERVE"],
-          [[p["pod"], p["node"], p["addresses"], ",".join(f"{k}={v}" for k, v in p["labels"].items()),
-            ",".join(p["serve"])] for p in pods])
+          [[p.key, p.node, p.addresses, ",".join(f"{k}={v}" for k, v in p.labels.items()), ",".join(p.serve)]
+           for p in state.pods.values()])
 
 
 @lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from weft.types.addresses import IPAddress, IPNetwork
 
@@ -18,7 +18,7 @@ DEFAULT_CLUSTER_CIDR_V6 = "fd12:3456:789a::/64"
 DEFAULT_NODE_MASK_V6 = 80
 
 
-class IPFamilies(str, Enum):
+class IPFamilies(StrEnum):
     IPV4 = "ipv4"
     IPV6 = "ipv6"
     DUAL = "dual"

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weft.agent.client import AgentClient, AgentUnavailable
+from weft.agent.client import AgentClient
 from weft.cni.launcher import write_launcher
 from weft.ipam.pool import IPFamilies, default_pools
 from weft.lab.runtime import CniRuntime
@@ -234,14 +234,14 @@ class Lab:
     def down(self, quiet: bool = False) -> list[str]:
         """Remove everything the lab made, found by name and marker, not only from lab.json."""
         removed: list[str] = []
+        killed: list[int] = []
         for pid in _pids_with_env("WEFT_LAB", self.name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
                 removed.append(f"process {pid}")
-        for pid in [p for p in removed if p.startswith("process ")]:
-            num = int(pid.split()[1])
-            with contextlib.suppress(LabError):
-                wait_for(f"pid {num} to exit", lambda n=num: not _alive(n), timeout=10)  # type: ignore[misc]
+        with contextlib.suppress(LabError):
+            wait_for("lab processes to exit", lambda: not any(_alive(p) for p in killed), timeout=10)
         prefix = f"{self.name}-"
         if NETNS_DIR.is_dir():
             for entry in sorted(NETNS_DIR.iterdir()):

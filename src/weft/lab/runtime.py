@@ -6,6 +6,7 @@ cache the ADD result and hand it back as prevResult on DEL and CHECK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -104,11 +105,9 @@ class CniRuntime:
         except CniError:
             # As libcni's callers do after a failed ADD: DEL what was added (in reverse).
             for plugin in reversed(conf["plugins"]):
-                try:
+                with contextlib.suppress(CniError):
                     self._exec("DEL", plugin, self._netconf(conf, plugin, None, runtime_config or {}),
                                container_id, netns, ifname, args)
-                except CniError:
-                    pass
             raise
         assert prev is not None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
