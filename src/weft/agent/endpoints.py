@@ -127,9 +127,9 @@ class EndpointManager:
     def _teardown(self, record: EndpointRecord) -> None:
         """Remove everything an endpoint holds; every step tolerates a missing piece."""
         for ip in record.ips():
+            # The address is still this endpoint's (IPAM releases it below), so is its entry.
             with contextlib.suppress(Exception):
-                if self.datapath.endpoints().get(ip, None) is not None:
-                    self.datapath.delete_endpoint(ip)
+                self.datapath.delete_endpoint(ip)
         try:
             veth.delete_host_link(record.host_ifname)
         except Exception as exc:  # the link may vanish with its netns at any moment
