@@ -20,6 +20,7 @@
 
 /* Map capacities: the control plane reads these to report fill levels. */
 #define WEFT_ENDPOINTS_MAX 65536
+#define WEFT_LXC_MAX 16384
 #define WEFT_METRICS_MAX 64
 
 /* Endpoint map key: one entry per pod address. IPv4 sits in addr[0..3], the rest zero. */
@@ -41,6 +42,12 @@ struct weft_ep_value {
 	__u8 host_mac[6];  /* MAC of the host-side veth (the pod's gateway MAC) */
 };
 _Static_assert(sizeof(struct weft_ep_value) == 28, "weft_ep_value size");
+
+/*
+ * The same value is also stored per host-side interface in the `weft_lxc` map (key: __u32
+ * ifindex), so the datapath can answer ARP and neighbour solicitations from a pod whatever
+ * source address the pod used (IPv6 probes come from its link-local address).
+ */
 
 /* Per-CPU counters, indexed by enum weft_metric; Python sums across CPUs. */
 struct weft_metric_value {

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map of the datapath, declared in one place. All are pinned by name
+ * (LIBBPF_PIN_BY_NAME) under the node's pin directory, so a restarted agent reopens the same
+ * maps and the programs keep their state while no agent runs. The agent is the only writer.
+ */
+#ifndef WEFT_LIB_MAPS_H
+#define WEFT_LIB_MAPS_H
+
+#include "common.h"
+
+/* Pod address -> endpoint (delivery target, identity). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct weft_ep_key);
+	__type(value, struct weft_ep_value);
+	__uint(max_entries, WEFT_ENDPOINTS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_endpoints SEC(".maps");
+
+/* Host-side interface (ifindex) -> the endpoint behind it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct weft_ep_value);
+	__uint(max_entries, WEFT_LXC_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_lxc SEC(".maps");
+
+/* Packet and byte counters by enum weft_metric. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct weft_metric_value);
+	__uint(max_entries, WEFT_METRICS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_metrics SEC(".maps");
+
+#endif
