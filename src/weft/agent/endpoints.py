@@ -165,7 +165,8 @@ class EndpointManager:
             raise AgentError(CHECK_FAILED, f"prevResult addresses {sorted(want)} differ from the endpoint's "
                              f"{record.addresses}")
         if veth.host_link_index(record.host_ifname) is None:
-            raise AgentError(CHECK_FAILED, f"host interface {record.host_ifname} is missing")
+            raise AgentError(CHECK_FAILED, f"host interface {record.host_ifname}, the peer of {record.ifname} in "
+                             f"{record.netns}, is missing")
         pod_side = veth.inspect_pod_side(record.netns, record.ifname)
         if pod_side is None:
             raise AgentError(CHECK_FAILED, f"interface {record.ifname} is missing in {record.netns}")
@@ -264,6 +265,8 @@ class EndpointManager:
         interfaces and map entries, re-attach programs, remove stale links and map entries."""
         report: dict[str, Any] = {"rolled_back": [], "restored_links": [], "released": [],
                                   "stale_links": [], "stale_map_entries": [], "at": time.time()}
+        ids = self.datapath.program_ids()
+        wanted_progs = {"ingress": ids["from_container"], "egress": ids["to_container"]}
         for record in list(self.state.endpoints.values()):
             if record.state == EP_CREATING:
                 report["rolled_back"].append(record.key)
@@ -285,7 +288,10 @@ class EndpointManager:
                 self._teardown(record)
                 continue
             record.host_ifindex = index
-            self.datapath.attach(record.host_ifname)
+            # Re-attach only where the current programs are not in place (after a restart they
+            # are new): a replace per endpoint on every periodic pass would be wasted work.
+            if self.datapath.attached_program_ids(record.host_ifname) != wanted_progs:
+                self.datapath.attach(record.host_ifname)
             self._write_map_entries(record)
         wanted_ips = {ip for r in self.state.endpoints.values() for ip in r.ips()}
         for ip in list(self.datapath.endpoints()):

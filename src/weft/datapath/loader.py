@@ -142,9 +142,9 @@ class NodeDatapath:
                 except NetlinkError:
                     continue
                 for msg in filters:
-                    options = msg.get_attr("TCA_OPTIONS")
-                    if options is not None and options.get_attr("TCA_BPF_ID"):
-                        out[direction] = int(options.get_attr("TCA_BPF_ID"))
+                    prog_id = _tc_bpf_prog_id(msg)
+                    if prog_id:
+                        out[direction] = prog_id
         return out
 
     def program_ids(self) -> dict[str, int]:
@@ -217,6 +217,26 @@ class NodeDatapath:
         self._endpoints = self._lxc = None
         self._metrics = None
         self._prog_fds = {}
+
+
+TCA_BPF_ID = 11
+
+
+def _tc_bpf_prog_id(msg: object) -> int:
+    """The program id of a tc bpf filter message. pyroute2 0.9 does not decode TCA_BPF_ID, so
+    read the u32 from the raw attribute (header: u16 length, u16 type; then the value)."""
+    options = msg.get_attr("TCA_OPTIONS")  # type: ignore[attr-defined]
+    if options is None:
+        return 0
+    for nla in options["attrs"]:
+        value = nla[1]
+        if nla[0] == "TCA_BPF_ID":
+            return int(value)
+        if nla[0] == "UNKNOWN" and hasattr(value, "data"):
+            raw = bytes(value.data[value.offset:value.offset + value.length])
+            if len(raw) >= 8 and int.from_bytes(raw[2:4], "little") == TCA_BPF_ID:
+                return int.from_bytes(raw[4:8], "little")
+    return 0
 
 
 def _counters(metrics: PerCpuArray[abi.MetricValue]) -> dict[str, tuple[int, int]]:

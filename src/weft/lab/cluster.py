@@ -42,6 +42,11 @@ class LabError(Exception):
     pass
 
 
+# Daemons this process started (agents, pod servers). Keeping the Popen objects lets us reap
+# them when they exit, and they outlive this process when it exits first (new sessions).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02) -> None:
     """Poll ``predicate`` until it holds or the deadline passes (no blind sleeps)."""
     deadline = time.monotonic() + timeout
@@ -209,6 +214,7 @@ class Lab:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=self._env(),
         )
         log.close()
+        _children[proc.pid] = proc
         node.agent_pid = proc.pid
         self.save(state)
         client = self.client(node, timeout=5)
@@ -306,6 +312,7 @@ class Lab:
             env=self._env(WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD=pod.key),
         )
         log.close()
+        _children[proc.pid] = proc
 
         def ready() -> bool:
             if proc.poll() is not None:
@@ -364,6 +371,12 @@ def cni_args(namespace: str, name: str, container_id: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
+        return False
     try:
         with open(f"/proc/{pid}/stat") as f:
             # A zombie has exited; it only waits for its parent to reap it.

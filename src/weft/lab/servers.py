@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import cast
 
 PROTOCOLS = ("tcp", "udp", "http")
 
@@ -73,10 +74,9 @@ def _http_handler(identity: str) -> object:
 
 class _UdpEcho(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        assert isinstance(self.transport, asyncio.DatagramTransport)
         self.transport.sendto(data, addr)
 
 
