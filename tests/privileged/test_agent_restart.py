@@ -89,6 +89,8 @@ def test_stream_survives_agent_sigkill_and_restart_reconciles(fresh_lab: Lab) ->
     finally:
         stream.kill()
         stream.wait()
+        if stream.stdout is not None:
+            stream.stdout.close()
 
 
 def test_agent_killed_mid_add_leaks_nothing(fresh_lab: Lab) -> None:
@@ -111,8 +113,7 @@ def test_agent_killed_mid_add_leaks_nothing(fresh_lab: Lab) -> None:
             raise AssertionError("ADD should have failed: the agent died in the middle")
         except Exception as exc:  # the plugin reports try-again-later
             assert "11" in str(exc) or "try again" in str(exc).lower(), exc
-        wait_until("agent to die", lambda: subprocess.run(["kill", "-0", str(node.agent_pid)],
-                                                          capture_output=True).returncode != 0)
+        wait_until("agent to die", lambda: not lab.agent_alive(node.name))
         lab.start_agent(state, node.name)
         st = lab.client(node).call("status")
         assert st["endpoints"] == 0

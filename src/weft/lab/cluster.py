@@ -228,6 +228,10 @@ class Lab:
         wait_for(f"agent of {node.name}", ready, timeout=30)
         return proc.pid
 
+    def agent_alive(self, node_name: str) -> bool:
+        node = self.node(self.load(), node_name)
+        return bool(node.agent_pid) and _alive(node.agent_pid)
+
     def stop_agent(self, state: LabState, node_name: str, sig: int = signal.SIGTERM) -> None:
         node = self.node(state, node_name)
         pid = node.agent_pid
