@@ -1,0 +1,174 @@
+"""The weft agent's resident memory with 1 and with N (500) endpoints on a node.
+
+    python bench/agent_memory.py [--quick] [--endpoints N] [--family dual|ipv4|ipv6] [--json FILE]
+
+A fresh one-node lab; N container netns made here (``wb<pid>-ep-<i>``); endpoints added one by
+one through the real path (the lab's runtime execs weft-cni, which calls the agent). VmRSS of the
+agent process (/proc/<pid>/status) is read with 1 endpoint and with N, and every 50 in between.
+Targets (from the issue): under 150 MiB at 500 endpoints, and under 10 KiB per added endpoint
+((RSS_N - RSS_1) / (N - 1)); Cilium's agent takes about 10.5 KiB per pod.
+A node's default IPv4 block is a /24 (253 pods), so for more endpoints the lab node gets a wider
+IPv4 block (for 500, the /23 holding the default /24), written into its config before its agent
+starts.
+--quick adds 100 endpoints and projects the RSS at 500 from the per-endpoint figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    NETNS_DIR,
+    PREFIX,
+    BenchError,
+    Result,
+    bench_session,
+    dump_json,
+    ensure_bpf,
+    median,
+    netns_add_many,
+    netns_del_many,
+    say,
+    table,
+)
+from weft.ipam.pool import IPFamilies
+from weft.lab.cluster import Lab, NodeInfo, cni_args
+
+TARGET_MIB_AT_500 = 150.0
+TARGET_KIB_PER_EP = 10.0
+CILIUM_KIB_PER_EP = 10.5
+FULL = 500
+
+
+class WideLab(Lab):
+    """A lab whose node IPv4 block is widened (prefix ``v4_prefix``) before the agent starts."""
+
+    def __init__(self, name: str, v4_prefix: int) -> None:
+        super().__init__(name)
+        self.v4_prefix = v4_prefix
+
+    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, Any]) -> NodeInfo:
+        node = super()._make_node(index, family, pools)
+        path = Path(node.config_path)
+        config = json.loads(path.read_text())
+        block = config.get("pod_block_v4")
+        if block and ipaddress.ip_network(block).prefixlen > self.v4_prefix:
+            config["pod_block_v4"] = str(ipaddress.ip_network(block).supernet(new_prefix=self.v4_prefix))
+            path.write_text(json.dumps(config, indent=1))
+        return node
+
+
+def agent_pid(lab: Lab) -> int:
+    """The agent's pid (nsenter execs the agent; should it have forked, take its child)."""
+    pid = lab.load().nodes[0].agent_pid
+    for _ in range(2):
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        if comm != "nsenter":
+            return pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if not children:
+            break
+        pid = int(children[0])
+    raise BenchError(f"cannot find the agent process under pid {lab.load().nodes[0].agent_pid}")
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100 endpoints, RSS at 500 projected")
+    ap.add_argument("--endpoints", type=int, default=None, help=f"endpoints to add (default {FULL})")
+    ap.add_argument("--family", choices=("dual", "ipv4", "ipv6"), default="dual", help="lab IP family (dual)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    opts = ap.parse_args(argv)
+    total = opts.endpoints or (100 if opts.quick else FULL)
+    if total < 2:
+        raise SystemExit("--endpoints must be at least 2")
+    v4_prefix = min(24, 32 - (total + 3).bit_length())
+
+    with bench_session():
+        lab = WideLab(f"{PREFIX}m", v4_prefix)
+        names = [f"{PREFIX}-ep-{i}" for i in range(total)]
+        samples: list[tuple[int, dict[str, int], float]] = []  # endpoints, /proc status, median ADD ms
+        try:
+            ensure_bpf()
+            say(f"lab {lab.name}: up (1 node, {opts.family}); {total} container netns")
+            lab.up(nodes=1, ip_family=opts.family)
+            node = lab.load().nodes[0]
+            client = lab.client(node)
+            runtime = lab.runtime(node)
+            pid = agent_pid(lab)
+            netns_add_many(names)
+            capacity = {k: v["capacity"] for k, v in client.call("status")["ipam"].items()}
+            if any(c < total for c in capacity.values()):
+                raise BenchError(f"the node's blocks hold {capacity} addresses, fewer than {total}")
+            samples.append((0, status_kib(pid), 0.0))
+            add_ms: list[float] = []
+            t_start = time.monotonic()
+            for i, name in enumerate(names, start=1):
+                cid = uuid.uuid4().hex + uuid.uuid4().hex
+                t0 = time.perf_counter()
+                runtime.add(cid, str(NETNS_DIR / name), "eth0", args=cni_args("bench", f"ep-{i}", cid))
+                add_ms.append((time.perf_counter() - t0) * 1e3)
+                if i == 1 or i % 50 == 0 or i == total:
+                    client.call("ping")  # the agent is idle again: the reply comes after the ADD's work
+                    st = status_kib(pid)
+                    samples.append((i, st, median(add_ms)))
+                    say(f"  {i:4d} endpoints: VmRSS {st['VmRSS'] / 1024:6.1f} MiB, ADD median {median(add_ms):6.1f} ms "
+                        f"(last {len(add_ms)}), {time.monotonic() - t_start:5.1f} s")
+                    add_ms = []
+            eps = client.call("endpoint.list")
+            if len(eps) != total:
+                raise BenchError(f"the agent lists {len(eps)} endpoints, expected {total}")
+        finally:
+            say("cleaning up (lab, namespaces)")
+            lab.down(quiet=True)
+            netns_del_many(names)
+
+    rss0 = samples[0][1]["VmRSS"]
+    rss1 = samples[1][1]["VmRSS"]
+    rss_n = samples[-1][1]["VmRSS"]
+    per_ep_kib = (rss_n - rss1) / (total - 1)
+    rss_500_mib = (rss1 + per_ep_kib * (FULL - 1)) / 1024 if total != FULL else rss_n / 1024
+    say("")
+    say(table(["endpoints", "VmRSS MiB", "RssAnon MiB", "VmHWM MiB", "threads", "ADD ms (median since previous)"],
+              [[n, f"{st['VmRSS'] / 1024:.1f}", f"{st.get('RssAnon', 0) / 1024:.1f}", f"{st['VmHWM'] / 1024:.1f}",
+                st.get("Threads", ""), f"{ms:.1f}" if n else "-"] for n, st, ms in samples]))
+    say(f"fresh agent {rss0 / 1024:.1f} MiB; 1 endpoint {rss1 / 1024:.1f} MiB; {total} endpoints "
+        f"{rss_n / 1024:.1f} MiB; {per_ep_kib:.2f} KiB per added endpoint "
+        f"(Cilium's agent: about {CILIUM_KIB_PER_EP} KiB per pod)")
+    dump_json(opts.json, {"endpoints": total, "family": opts.family,
+                          "samples": [{"endpoints": n, **st, "add_ms_median": ms} for n, st, ms in samples],
+                          "kib_per_endpoint": per_ep_kib, "rss_at_500_mib": rss_500_mib})
+    at = "projected" if total != FULL else "measured"
+    results = [
+        Result("agent_memory.rss_500", rss_500_mib / TARGET_MIB_AT_500, 1.0, False,
+               f"{rss_500_mib:.1f} MiB at {FULL} endpoints ({at}), limit {TARGET_MIB_AT_500:g} MiB"),
+        Result("agent_memory.per_endpoint", per_ep_kib / TARGET_KIB_PER_EP, 1.0, False,
+               f"{per_ep_kib:.2f} KiB per added endpoint over {total - 1}, limit {TARGET_KIB_PER_EP:g} KiB"),
+    ]
+    for res in results:
+        say(res.lines()[0])
+    for res in results:
+        say(res.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
