@@ -147,6 +147,10 @@ class NodeDatapath:
                         out[direction] = prog_id
         return out
 
+    def program_fd(self, name: str) -> int:
+        self._need()
+        return self._prog_fds[name]
+
     def program_ids(self) -> dict[str, int]:
         return {name: libbpf.prog_info(fd)[0] for name, fd in self._prog_fds.items()}
 

@@ -1,0 +1,17 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Never loaded: compiled so that its BTF describes every type of the shared ABI, including
+ * the enums that the programs only use as constants (and so never reach their own BTF).
+ * tests/unit/test_abi.py compares src/weft/datapath/abi.py with this BTF and with the
+ * programs' object.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "shared/weft_abi.h"
+
+struct weft_ep_key weft_abi_ep_key;
+struct weft_ep_value weft_abi_ep_value;
+struct weft_metric_value weft_abi_metric_value;
+enum weft_metric weft_abi_metric;
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
