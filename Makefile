@@ -47,7 +47,7 @@ demo: install
 	$(VENV)/bin/weft demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 test-unit: install

@@ -251,7 +251,10 @@ def median(values: Sequence[float]) -> float:
 
 def spread(values: Sequence[float]) -> str:
     """min..max of a sample, for the tables."""
-    return f"{min(values):.4g}..{max(values):.4g}"
+    def fmt(x: float) -> str:
+        return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+    return f"{fmt(min(values))}..{fmt(max(values))}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -197,7 +197,7 @@ def test_podman_cni_container_gets_weft_addresses_and_reaches_a_pod(lab: Lab, se
     assert {str(_addr(a)) for a in endpoint["addresses"]} == {str(v4[0]), str(v6[0])}, endpoint
 
     (podman.rootfs / "weft-sync" / "go").touch()
-    rc = run.proc.wait(timeout=30)
+    rc = run.wait(timeout=30)
     assert rc == 0, f"podman run exited {rc}: {run.stderr()}"
     # --rm: the CNI DEL runs in podman's cleanup (conmon's exit command or podman itself).
     _wait_usage_back(lab, before, "the container's endpoint and addresses to be released")

@@ -27,23 +27,28 @@ from runtimes.common import (
 from runtimes.images import build_busybox_rootfs
 
 CNI_CACHE_DIR = Path("/var/lib/cni/results")
+# runc's default --root for uid 0. podman's exit command (the --rm cleanup) does not carry
+# --runtime-flag, so a private runc root would split a container's state; keep the default and
+# remove the dir at the end if this run created it (runc deletes each container's state itself).
+RUNC_ROOT = Path("/run/runc")
 
 
 def _q(value: str | Path) -> str:
     return json.dumps(str(value))
 
 
-def _ulimit(name: str, which: int) -> str:
-    """``name=soft:hard`` at this process's hard limit: podman's default asks for more (nofile
-    1048576), and without CAP_SYS_RESOURCE setrlimit fails with EPERM."""
+def _ulimit(name: str, which: int, cap: int) -> str:
+    """``name=N:N`` with N = min(this process's hard limit, ``cap``). podman's defaults ask for more
+    (nofile 1048576), and without CAP_SYS_RESOURCE runc's setrlimit fails with EPERM. Measured here:
+    nproc at the hard limit (96365) is refused as well, while 4096 (the notes' value) works."""
     _, hard = resource.getrlimit(which)
-    value = "-1" if hard == resource.RLIM_INFINITY else str(hard)
+    value = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
     return f"{name}={value}:{value}"
 
 
 def write_containers_conf(path: Path, *, plugin_dirs: list[Path], network_config_dir: Path, tmp_dir: Path,
                           default_network: str = "weft") -> Path:
-    ulimits = [_ulimit("nofile", resource.RLIMIT_NOFILE), _ulimit("nproc", resource.RLIMIT_NPROC)]
+    ulimits = [_ulimit("nofile", resource.RLIMIT_NOFILE, 1 << 20), _ulimit("nproc", resource.RLIMIT_NPROC, 4096)]
     text = f"""[containers]
 netns = "private"
 default_ulimits = [{", ".join(_q(u) for u in ulimits)}]
@@ -68,20 +73,32 @@ lock_type = "file"
 
 @dataclass
 class PodmanRun:
-    """A ``podman run`` in the background whose stdout is read line by line with deadlines."""
+    """A ``podman run`` in the background; threads drain its stdout (line by line, read with
+    deadlines) and stderr, and close both pipes at EOF."""
 
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _stderr: list[str] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._threads = [threading.Thread(target=self._pump_out, daemon=True),
+                         threading.Thread(target=self._pump_err, daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def _pump(self) -> None:
+    def _pump_out(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._queue.put(line.rstrip("\n"))
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            self._stderr.extend(self.proc.stderr)
 
     def read_until(self, marker: str, timeout: float) -> list[str]:
         """Lines up to and including one equal to ``marker``; fails at EOF or at the deadline."""
@@ -95,16 +112,21 @@ class PodmanRun:
             except queue.Empty:
                 continue
             if line is None:
+                self.wait(10)
                 raise AssertionError(f"container output ended before {marker!r}; got {self.lines}, "
                                      f"stderr: {self.stderr()}")
             self.lines.append(line)
             if line == marker:
                 return self.lines
 
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+        return rc
+
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return "(still running)"
-        return self.proc.stderr.read()
+        return "".join(self._stderr).strip()
 
 
 @dataclass
@@ -133,6 +155,7 @@ class Podman:
                               network_config_dir=conf_dir, tmp_dir=self.base / "tmp", default_network=self.network)
         build_busybox_rootfs(self.rootfs)
         self.scratch.note_new_dir(CNI_CACHE_DIR)
+        self.scratch.note_new_dir(RUNC_ROOT)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -169,8 +192,8 @@ class Podman:
         for run in self.runs:
             if run.proc.poll() is None:
                 stop_pid(run.proc.pid, timeout=5)
-            with contextlib.suppress(Exception):
-                run.proc.wait(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(timeout=5)
         if (self.base / "containers.conf").exists():
             out = self.run("rm", "-af", "-t", "0", timeout=60)
             if out.returncode != 0:
