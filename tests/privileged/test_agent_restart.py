@@ -13,10 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
-from labutil import in_netns, links, pod_name, wait_until
 from weft.datapath.loader import EndpointEntry, NodeDatapath, default_object_path
 from weft.lab.cluster import NETNS_DIR, Lab
 from weft.lab.probe import probe
+
+from labutil import in_netns, links, pod_name, wait_until
 
 STREAM_CLIENT = r"""
 import socket, sys, time

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from labutil import in_netns, links, pod_name
 from weft.lab.cluster import NETNS_DIR, Lab, NodeInfo
+
+from labutil import in_netns, links, pod_name
 
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from labutil import counters, in_netns, pod_name, snmp_counter
 from weft.lab.cluster import Lab, PodInfo
 from weft.lab.probe import ping, probe
+
+from labutil import counters, in_netns, pod_name, snmp_counter
 
 
 @pytest.fixture(scope="module")

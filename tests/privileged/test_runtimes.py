@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
+from weft.lab.cluster import NETNS_DIR, Lab, NodeInfo, PodInfo
+
 from labutil import pod_name
 from runtimes.common import Scratch, ping_from, tcp_echo_from, unique_prefix, wait_until
 from runtimes.containerd import Containerd
 from runtimes.podman import Podman
-from weft.lab.cluster import NETNS_DIR, Lab, NodeInfo, PodInfo
 
 POD_V4 = ipaddress.ip_network("10.244.1.0/24")
 POD_V6 = ipaddress.ip_network("fd12:3456:789a:0:1::/80")

@@ -8,6 +8,7 @@ fixed paths containerd 1.6 still uses are /run/containerd/s (shim sockets) and l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from runtimes.common import (
 from runtimes.images import build_pause_image
 
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
+K8S_NAMESPACE = "k8s.io"  # the containerd namespace of CRI
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CNI_CACHE_DIR = Path("/var/lib/cni/results")
 
@@ -268,6 +270,31 @@ class Containerd:
         reply = self.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30)
         return [str(s.id) for s in reply.items]
 
+    def shim_socket(self, sandbox_id: str) -> Path:
+        """Where containerd 1.6 puts the runc.v2 shim's socket of a sandbox (a fixed dir, not under
+        our state): /run/containerd/s/<sha256(<grpc address>/<namespace>/<id>)>."""
+        digest = hashlib.sha256(os.path.join(str(self.socket), K8S_NAMESPACE, sandbox_id).encode()).hexdigest()
+        return SHIM_SOCKET_DIR / digest
+
+    def _release_directly(self, sandbox_id: str) -> list[str]:
+        """For a sandbox containerd could not remove (it died, or Stop/Remove failed): the CNI DEL
+        it owed weft, run by hand as RemovePodSandbox sends it (empty CNI_NETNS, no prevResult),
+        then its libcni cache entries and its shim socket."""
+        problems = []
+        conf = {"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni", "agentSocket": self.agent_socket}
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": "DEL",
+               "CNI_CONTAINERID": sandbox_id, "CNI_NETNS": "", "CNI_IFNAME": "eth0", "CNI_ARGS": "",
+               "CNI_PATH": str(self.base / "cni-bin")}
+        out = subprocess.run([str(self.weft_cni)], input=json.dumps(conf), env=env, capture_output=True, text=True,
+                             timeout=60, check=False)
+        if out.returncode != 0:
+            problems.append(f"direct CNI DEL of {sandbox_id}: rc={out.returncode} {out.stdout}{out.stderr}")
+        if CNI_CACHE_DIR.is_dir():
+            for cached in CNI_CACHE_DIR.glob(f"*-{sandbox_id}-*"):
+                cached.unlink(missing_ok=True)
+        self.shim_socket(sandbox_id).unlink(missing_ok=True)
+        return problems
+
     def cleanup(self) -> list[str]:
         """Stop what is left through CRI (so CNI DEL reaches weft), stop containerd by its pid,
         then remove shims, sandbox processes, mounts, cgroups and dirs. Returns what it could not."""
@@ -285,6 +312,8 @@ class Containerd:
             stop_pid(self.proc.pid, timeout=10)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
+        for sandbox_id in list(self.sandboxes):
+            problems += self._release_directly(sandbox_id)
         # Shims reference our socket in their command line; pause processes sit in our cgroup.
         problems += self.scratch.cleanup()
         return problems

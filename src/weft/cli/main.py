@@ -12,6 +12,14 @@ import typer
 
 from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.cli.output import Format, console, err_console, print_json, table
+from weft.ipam.pool import (
+    DEFAULT_CLUSTER_CIDR_V4,
+    DEFAULT_CLUSTER_CIDR_V6,
+    DEFAULT_NODE_MASK_V4,
+    DEFAULT_NODE_MASK_V6,
+    ClusterPool,
+    IPAMError,
+)
 from weft.lab.cluster import Lab, LabError
 from weft.lab.runtime import CniError
 
@@ -50,12 +58,18 @@ def _clients(lab: str, node: str | None, socket: Path | None) -> list[tuple[str,
 @lab_app.command("up")
 def lab_up(lab: LabOpt = "weft",
            nodes: Annotated[int, typer.Option("--nodes", help="number of nodes")] = 1,
-           ip_family: Annotated[str, typer.Option("--ip-family", help="ipv4, ipv6 or dual")] = "dual") -> None:
+           ip_family: Annotated[str, typer.Option("--ip-family", help="ipv4, ipv6 or dual")] = "dual",
+           pod_cidr_v4: Annotated[str, typer.Option(help="cluster pod CIDR, IPv4")] = DEFAULT_CLUSTER_CIDR_V4,
+           node_mask_v4: Annotated[int, typer.Option(help="prefix of each node's IPv4 block")] = DEFAULT_NODE_MASK_V4,
+           pod_cidr_v6: Annotated[str, typer.Option(help="cluster pod CIDR, IPv6")] = DEFAULT_CLUSTER_CIDR_V6,
+           node_mask_v6: Annotated[int, typer.Option(help="prefix of each node's IPv6 block")] = DEFAULT_NODE_MASK_V6,
+           ) -> None:
     """Create node namespaces, each with its own agent."""
     try:
+        pools = {4: ClusterPool.parse(pod_cidr_v4, node_mask_v4), 6: ClusterPool.parse(pod_cidr_v6, node_mask_v6)}
         with console.status(f"bringing up lab {lab} with {nodes} node(s)") as status:
-            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m))
-    except (LabError, ValueError) as exc:
+            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m), pools=pools)
+    except (LabError, IPAMError, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"lab [bold]{lab}[/bold] up: " + ", ".join(f"{n.name} ({n.netns})" for n in state.nodes))
 

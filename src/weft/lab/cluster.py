@@ -24,11 +24,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from weft.agent.client import AgentClient
 from weft.cni.launcher import write_launcher
-from weft.ipam.pool import IPFamilies, default_pools
+from weft.ipam.pool import ClusterPool, IPFamilies, default_pools
 from weft.lab.runtime import CniRuntime
 from weft.lab.servers import ServeSpec
 
@@ -143,7 +142,10 @@ class Lab:
                           exec_netns=str(NETNS_DIR / node.netns))
 
     # ------------------------------------------------------------------ up / down
-    def up(self, nodes: int = 1, ip_family: str = "dual", progress: Callable[[str], None] | None = None) -> LabState:
+    def up(self, nodes: int = 1, ip_family: str = "dual", progress: Callable[[str], None] | None = None,
+           pools: dict[int, ClusterPool] | None = None) -> LabState:
+        """Create ``nodes`` node namespaces with an agent each. ``pools`` overrides the cluster
+        pod CIDRs and per-node block sizes (default: Azure CNI overlay's)."""
         say = progress or (lambda _msg: None)
         family = IPFamilies(ip_family)
         if nodes < 1 or nodes > 250:
@@ -156,7 +158,7 @@ class Lab:
         write_launcher(self.bin_dir / "weft-cni")
         state = LabState(name=self.name, ip_family=family.value)
         self.save(state)
-        pools = default_pools()
+        pools = {**default_pools(), **(pools or {})}
         try:
             for i in range(1, nodes + 1):
                 node = self._make_node(i, family, pools)
@@ -170,7 +172,7 @@ class Lab:
             raise
         return state
 
-    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, Any]) -> NodeInfo:
+    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, ClusterPool]) -> NodeInfo:
         name = f"node-{index}"
         netns = f"{self.name}-{name}"
         _run("ip", "netns", "add", netns)
