@@ -177,8 +177,10 @@ def test_podman_cni_container_gets_weft_addresses_and_reaches_a_pod(lab: Lab, se
     name = f"{prefix}-ctr"
     (podman.rootfs / "weft-sync").mkdir()
     script = _PODMAN_SCRIPT.format(v4=_family(server, 4), v6=_family(server, 6))
-    run = podman.start("run", "--rm", "--network", podman.network, "--name", name, "--cgroup-parent", f"/{prefix}",
-                       "--cap-add", "NET_RAW", "--rootfs", str(podman.rootfs), "/bin/sh", "-c", script)
+    cidfile = podman.base / "cid"
+    run = podman.start("run", "--rm", "--network", podman.network, "--name", name, "--cidfile", str(cidfile),
+                       "--cgroup-parent", f"/{prefix}", "--cap-add", "NET_RAW", "--rootfs", str(podman.rootfs),
+                       "/bin/sh", "-c", script)
     lines = run.read_until("READY", timeout=45)
     output = "\n".join(lines)
 
@@ -192,10 +194,14 @@ def test_podman_cni_container_gets_weft_addresses_and_reaches_a_pod(lab: Lab, se
     assert "ping6=ok" in lines, output
 
     # While the container runs: the agent has it under podman's CNI_ARGS (K8S_POD_NAME only).
-    endpoint = next((e for e in _endpoints(lab) if e["pod"].endswith(f"/{name}")), None)
-    assert endpoint is not None, f"container {name} not in endpoint.list: {_endpoints(lab)}"
+    container_id = cidfile.read_text().strip()
+    endpoint = next((e for e in _endpoints(lab) if e["containerID"] == container_id), None)
+    assert endpoint is not None, f"container {name} ({container_id}) not in endpoint.list: {_endpoints(lab)}"
+    assert endpoint["pod"].endswith(f"/{name}"), endpoint
     assert endpoint["ifname"] == "eth0" and endpoint["netns"].startswith("/run/netns/"), endpoint
     assert {str(_addr(a)) for a in endpoint["addresses"]} == {str(v4[0]), str(v6[0])}, endpoint
+    during = _usage(lab)
+    assert {k: during["ipam"][k] - before["ipam"][k] for k in before["ipam"]} == {"ipv4": 1, "ipv6": 1}
 
     (podman.rootfs / "weft-sync" / "go").touch()
     rc = run.wait(timeout=30)

@@ -156,8 +156,9 @@ def pids_matching(marker: str, cgroup_name: str | None = None) -> list[int]:
         try:
             hit = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
             if not hit and cgroup_name:
-                hit = any(line.split(":", 2)[2].startswith(f"/{cgroup_name}")
-                          for line in (entry / "cgroup").read_text().splitlines() if line.count(":") >= 2)
+                paths = [line.split(":", 2)[2] for line in (entry / "cgroup").read_text().splitlines()
+                         if line.count(":") >= 2]
+                hit = any(p == f"/{cgroup_name}" or p.startswith(f"/{cgroup_name}/") for p in paths)
         except OSError:
             continue
         if hit:
