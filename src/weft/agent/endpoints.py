@@ -121,8 +121,21 @@ class EndpointManager:
             ))
 
     def _acquire_identity(self, record: EndpointRecord) -> int:
-        labels = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {})
-        return self.state.identities.acquire(pod_labels(record.pod_namespace, labels))
+        meta = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {})
+        ns_labels = self.state.namespaces.get(record.pod_namespace, {})
+        return self.state.identities.acquire(pod_labels(record.pod_namespace, meta.get("labels", {}), ns_labels))
+
+    def _refresh_identities(self, match: Callable[[EndpointRecord], bool]) -> None:
+        """Labels changed: give matching endpoints the identity of their new label set."""
+        for record in self.state.endpoints.values():
+            if not match(record):
+                continue
+            old = record.identity
+            record.identity = self._acquire_identity(record)
+            if old:
+                self.state.identities.release(old)
+            if record.state == EP_READY and record.identity != old:
+                self._write_map_entries(record)
 
     def _teardown(self, record: EndpointRecord) -> None:
         """Remove everything an endpoint holds; every step tolerates a missing piece."""
@@ -201,17 +214,21 @@ class EndpointManager:
 
     # ---------------------------------------------------------------- metadata
     def pod_set(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Pod metadata, as the API server would hold it: labels and named container ports."""
         namespace, name = _require(p, "namespace"), _require(p, "name")
         labels = {str(k): str(v) for k, v in (p.get("labels") or {}).items()}
-        self.state.pods[f"{namespace}/{name}"] = labels
-        for record in self.state.endpoints.values():
-            if record.pod_namespace == namespace and record.pod_name == name:
-                old = record.identity
-                record.identity = self._acquire_identity(record)
-                if old:
-                    self.state.identities.release(old)
-                if record.state == EP_READY:
-                    self._write_map_entries(record)
+        ports = [{"name": str(x["name"]), "protocol": str(x.get("protocol", "TCP")).upper(), "port": int(x["port"])}
+                 for x in p.get("ports") or [] if x.get("name")]
+        self.state.pods[f"{namespace}/{name}"] = {"labels": labels, "ports": ports}
+        self._refresh_identities(lambda r: r.pod_namespace == namespace and r.pod_name == name)
+        self._save()
+        return {}
+
+    def namespace_set(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Namespace labels; every pod of the namespace carries them in its identity."""
+        namespace = _require(p, "name")
+        self.state.namespaces[namespace] = {str(k): str(v) for k, v in (p.get("labels") or {}).items()}
+        self._refresh_identities(lambda r: r.pod_namespace == namespace)
         self._save()
         return {}
 
@@ -232,6 +249,7 @@ class EndpointManager:
                 "addresses": record.addresses,
                 "identity": record.identity,
                 "labels": format_labels(labels),
+                "namedPorts": self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {}).get("ports", []),
                 "state": record.state,
                 "node": self.config.node_name,
             })
@@ -336,6 +354,7 @@ class EndpointManager:
         return {
             "cni.add": self.cni_add, "cni.del": self.cni_del, "cni.check": self.cni_check,
             "cni.status": self.cni_status, "cni.gc": self.cni_gc, "pod.set": self.pod_set,
+            "namespace.set": self.namespace_set,
             "endpoint.list": self.endpoint_list, "status": self.status,
             "ping": lambda p: {"node": self.config.node_name},
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),

@@ -57,7 +57,9 @@ class AgentState:
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     ipam: dict[int, BlockAllocator] = field(default_factory=dict)
     identities: IdentityAllocator = field(default_factory=IdentityAllocator)
-    pods: dict[str, dict[str, str]] = field(default_factory=dict)
+    # "namespace/name" -> {"labels": {...}, "ports": [{"name", "protocol", "port"}]}
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     next_ep_id: int = 1
 
     def to_json(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class AgentState:
             },
             "identities": self.identities.to_json(),
             "pods": self.pods,
+            "namespaces": self.namespaces,
             "next_ep_id": self.next_ep_id,
         }
 
@@ -85,6 +88,7 @@ class AgentState:
             endpoints={k: EndpointRecord(**v) for k, v in data.get("endpoints", {}).items()},
             identities=IdentityAllocator.from_json(data.get("identities", [])),
             pods=dict(data.get("pods", {})),
+            namespaces=dict(data.get("namespaces", {})),
             next_ep_id=int(data.get("next_ep_id", 1)),
         )
         saved_ipam = data.get("ipam", {})

@@ -33,6 +33,8 @@ app.add_typer(lab_app, name="lab")
 lab_app.add_typer(pod_app, name="pod")
 lab_app.add_typer(agent_app, name="agent")
 app.add_typer(endpoint_app, name="endpoint")
+namespace_app = typer.Typer(no_args_is_help=True, help="Namespaces of the lab.")
+lab_app.add_typer(namespace_app, name="namespace")
 
 LabOpt = Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name (prefix of everything it makes)")]
 OutOpt = Annotated[Format, typer.Option("-o", "--output", help="table or json")]
@@ -94,6 +96,39 @@ def pod_add(ref: Annotated[str, typer.Argument(help="NAMESPACE/NAME")],
     except (LabError, CniError, AgentCallError, AgentUnavailable, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"pod {pod.key} on {pod.node}: {', '.join(pod.addresses)}")
+
+
+@namespace_app.command("add")
+def namespace_add(name: Annotated[str, typer.Argument(help="NAME")], lab: LabOpt = "weft",
+                  labels: Annotated[str, typer.Option("--labels", help="k=v,k2=v2")] = "") -> None:
+    """Create a namespace with labels (it also gets kubernetes.io/metadata.name=NAME)."""
+    try:
+        Lab(lab).namespace_add(name, parse_labels(labels))
+    except (LabError, AgentCallError, AgentUnavailable, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"namespace {name} ready")
+
+
+@lab_app.command("label")
+def lab_label(kind: Annotated[str, typer.Argument(help="pod or namespace")],
+              ref: Annotated[str, typer.Argument(help="NAMESPACE/POD or NAMESPACE")],
+              changes: Annotated[list[str], typer.Argument(help="key=value to set, key- to remove")],
+              lab: LabOpt = "weft") -> None:
+    """Change the labels of a pod or namespace, as kubectl label does; policy follows at once."""
+    parsed: dict[str, str | None] = {}
+    for change in changes:
+        if change.endswith("-") and "=" not in change:
+            parsed[change[:-1]] = None
+        else:
+            key, sep, value = change.partition("=")
+            if not sep or not key:
+                raise fail(f"label change {change!r} is neither key=value nor key-")
+            parsed[key] = value
+    try:
+        now = Lab(lab).label(kind, ref, parsed)
+    except (LabError, AgentCallError, AgentUnavailable) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{kind} {ref} labels: " + ", ".join(f"{k}={v}" for k, v in sorted(now.items())))
 
 
 @pod_app.command("del")
@@ -210,6 +245,39 @@ def endpoint_list(lab: LabOpt = "weft", node: NodeOpt = None, socket: SocketOpt 
         return
     table("endpoints", ["NODE", "ID", "POD", "ADDRESSES", "IDENTITY", "LABELS", "STATE"],
           [[r["node"], r["id"], r["pod"], r["addresses"], r["identity"], r["labels"], r["state"]] for r in rows])
+
+
+@app.command("probe")
+def probe_cmd(src: Annotated[str, typer.Option("--from", help="NAMESPACE/POD to connect from")],
+              dst: Annotated[str, typer.Option("--to", help="NAMESPACE/POD, an IP address or a name")],
+              port: Annotated[int, typer.Option("--port", min=1, max=65535)],
+              proto: Annotated[str, typer.Option("--proto", help="tcp, udp or sctp")] = "tcp",
+              family: Annotated[int, typer.Option("--family", help="4 or 6 when --to is a pod")] = 4,
+              timeout: Annotated[float, typer.Option("--timeout", help="seconds")] = 2.0,
+              lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
+    """Really connect from a pod and report connected, refused or timeout."""
+    from weft.lab.probe import probe
+
+    lab_obj = Lab(lab)
+    try:
+        source = lab_obj.pod(src)
+        target = dst
+        if "/" in dst:
+            pod = lab_obj.pod(dst)
+            candidates = [a for a in pod.addresses if (":" in a) == (family == 6)]
+            if not candidates:
+                raise LabError(f"pod {dst} has no IPv{family} address")
+            target = candidates[0]
+        result = probe(source.netns, proto.lower(), target, port, timeout=timeout)
+    except LabError as exc:
+        raise fail(str(exc)) from None
+    record = {"from": source.key, "to": dst, "address": target, "port": port, "protocol": proto.lower(),
+              "result": result.outcome}
+    if output == Format.json:
+        print_json(record)
+    else:
+        console.print(f"{source.key} -> {dst} ({target}) {port}/{proto.lower()}: [bold]{result.outcome}[/bold]")
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @app.command("demo")

@@ -96,6 +96,7 @@ class LabState:
     ip_family: str = "dual"
     nodes: list[NodeInfo] = field(default_factory=list)
     pods: dict[str, PodInfo] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class Lab:
@@ -121,6 +122,7 @@ class Lab:
             name=raw["name"], ip_family=raw.get("ip_family", "dual"),
             nodes=[NodeInfo(**n) for n in raw["nodes"]],
             pods={k: PodInfo(**v) for k, v in raw["pods"].items()},
+            namespaces=raw.get("namespaces", {}),
         )
 
     def save(self, state: LabState) -> None:
@@ -268,6 +270,50 @@ class Lab:
             removed.append(f"dir {self.base}")
         return removed
 
+    # ------------------------------------------------------------------ metadata
+    def namespace_add(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """Create (or relabel) a namespace; like Kubernetes, it always carries
+        kubernetes.io/metadata.name=<name>."""
+        _check_dns_label(name, name)
+        state = self.load()
+        state.namespaces[name] = {**(labels or {}), "kubernetes.io/metadata.name": name}
+        self._push_namespace(state, name)
+        self.save(state)
+
+    def _push_namespace(self, state: LabState, name: str) -> None:
+        for node in state.nodes:
+            self.client(node).call("namespace.set", {"name": name, "labels": state.namespaces[name]})
+
+    def _push_pod(self, state: LabState, pod: PodInfo) -> None:
+        node = self.node(state, pod.node)
+        ports = [{"name": s.name, "protocol": s.protocol.upper() if s.protocol != "http" else "TCP", "port": s.port}
+                 for s in (ServeSpec.parse(x) for x in pod.serve) if s.name]
+        self.client(node).call("pod.set", {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels,
+                                           "ports": ports})
+
+    def label(self, kind: str, ref: str, changes: dict[str, str | None]) -> dict[str, str]:
+        """Change labels like ``kubectl label``: a value sets, None removes. Takes effect at once."""
+        state = self.load()
+        if kind == "namespace":
+            _check_dns_label(ref, ref)
+            current = dict(state.namespaces.get(ref, {"kubernetes.io/metadata.name": ref}))
+            current = _apply_label_changes(current, changes)
+            current["kubernetes.io/metadata.name"] = ref  # Kubernetes keeps this one
+            state.namespaces[ref] = current
+            self._push_namespace(state, ref)
+        elif kind == "pod":
+            namespace, name = parse_pod_ref(ref)
+            pod = state.pods.get(f"{namespace}/{name}")
+            if pod is None:
+                raise LabError(f"no pod {namespace}/{name} in lab {self.name}")
+            pod.labels = _apply_label_changes(pod.labels, changes)
+            current = pod.labels
+            self._push_pod(state, pod)
+        else:
+            raise LabError(f"cannot label {kind!r}: pod or namespace")
+        self.save(state)
+        return current
+
     # ------------------------------------------------------------------ pods
     def pod_add(self, ref: str, node_name: str | None = None, labels: dict[str, str] | None = None,
                 serve: list[str] | None = None) -> PodInfo:
@@ -286,8 +332,12 @@ class Lab:
         container_id = uuid.uuid4().hex + uuid.uuid4().hex
         pod = PodInfo(namespace=namespace, name=name, node=node.name, netns=netns, container_id=container_id,
                       labels=dict(labels or {}), serve=[str(s) for s in specs])
-        # What the API server would hold for kubelet: the pod's labels, before its sandbox.
-        self.client(node).call("pod.set", {"namespace": namespace, "name": name, "labels": pod.labels})
+        if namespace not in state.namespaces:
+            state.namespaces[namespace] = {"kubernetes.io/metadata.name": namespace}
+            self._push_namespace(state, namespace)
+            self.save(state)
+        # What the API server would hold for kubelet: labels and ports, before the sandbox.
+        self._push_pod(state, pod)
         _run("ip", "netns", "add", netns)
         try:
             _run("ip", "-n", netns, "link", "set", "lo", "up")
@@ -363,11 +413,25 @@ def parse_pod_ref(ref: str) -> tuple[str, str]:
     if not sep:
         namespace, name = "default", ref
     for part in (namespace, name):
-        if not part or len(part) > 63 or not all(c.isalnum() or c == "-" for c in part) \
-                or not part[0].isalnum() or not part[-1].isalnum() or part != part.lower():
-            raise LabError(f"pod reference {ref!r}: {part!r} is not a DNS-1123 label (lower-case "
-                           "letters, digits and dashes, at most 63)")
+        _check_dns_label(part, f"pod reference {ref!r}")
     return namespace, name
+
+
+def _check_dns_label(part: str, what: str) -> None:
+    if not part or len(part) > 63 or not all(c.isalnum() or c == "-" for c in part) \
+            or not part[0].isalnum() or not part[-1].isalnum() or part != part.lower():
+        raise LabError(f"{what}: {part!r} is not a DNS-1123 label (lower-case letters, digits and dashes, "
+                       "at most 63)")
+
+
+def _apply_label_changes(labels: dict[str, str], changes: dict[str, str | None]) -> dict[str, str]:
+    out = dict(labels)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def cni_args(namespace: str, name: str, container_id: str) -> str:

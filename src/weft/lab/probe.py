@@ -13,20 +13,27 @@ from dataclasses import dataclass
 _CLIENT = r"""
 import socket, sys
 proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 payload = b"weft-probe"
 try:
-    if proto == "tcp":
-        s = socket.create_connection((host, port), timeout=timeout)
+    # A name is resolved inside the pod, with the pod's resolver, as an application would.
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    fam, _, _, _, addr = socket.getaddrinfo(host, port, type=kind)[0]
+    if proto in ("tcp", "sctp"):
+        s = socket.socket(fam, socket.SOCK_STREAM, socket.IPPROTO_SCTP if proto == "sctp" else 0)
+        s.settimeout(timeout)
+        s.connect(addr)
         s.sendall(payload); got = s.recv(100)
     else:
-        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout)
-        s.sendto(payload, (host, port)); got = s.recv(100)
+        # Connected, so an ICMP port unreachable comes back as "refused".
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout); s.connect(addr)
+        s.send(payload); got = s.recv(100)
     print("connected" if got == payload else "mismatch")
 except ConnectionRefusedError:
     print("refused")
 except (TimeoutError, socket.timeout):
     print("timeout")
+except socket.gaierror as e:
+    print("error:cannot resolve " + host + ": " + str(e))
 except OSError as e:
     print("error:" + str(e))
 """

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import cast
 
-PROTOCOLS = ("tcp", "udp", "http")
+PROTOCOLS = ("tcp", "udp", "sctp", "http")
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class ServeSpec:
         return f"{self.protocol}:{self.port}" + (f"/{self.name}" if self.name else "")
 
 
-def _bind(kind: int, port: int) -> socket.socket:
+def _bind(kind: int, port: int, proto: int = 0) -> socket.socket:
     try:
-        sock = socket.socket(socket.AF_INET6, kind)
+        sock = socket.socket(socket.AF_INET6, kind, proto)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("::", port))
     except OSError:
-        sock = socket.socket(socket.AF_INET, kind)
+        sock = socket.socket(socket.AF_INET, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))
     sock.setblocking(False)
@@ -85,6 +85,12 @@ async def serve(specs: list[ServeSpec], identity: str) -> None:
     for spec in specs:
         if spec.protocol == "udp":
             await loop.create_datagram_endpoint(_UdpEcho, sock=_bind(socket.SOCK_DGRAM, spec.port))
+        elif spec.protocol == "sctp":
+            try:
+                sctp = _bind(socket.SOCK_STREAM, spec.port, socket.IPPROTO_SCTP)
+            except OSError as exc:
+                raise SystemExit(f"sctp:{spec.port}: this kernel does not support SCTP ({exc.strerror})") from exc
+            await asyncio.start_server(_tcp_echo, sock=sctp)
         else:
             handler = _tcp_echo if spec.protocol == "tcp" else _http_handler(identity)
             await asyncio.start_server(handler, sock=_bind(socket.SOCK_STREAM, spec.port))  # type: ignore[arg-type]

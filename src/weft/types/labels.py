@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+# How Cilium puts the labels of a pod's namespace on the pod's identity, so that namespace
+# selectors (NetworkPolicy namespaceSelector) are label selectors like any other.
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 
 
 @dataclass(frozen=True, order=True)
@@ -36,10 +39,13 @@ class Label:
 LabelSet = frozenset[Label]
 
 
-def pod_labels(namespace: str, labels: dict[str, str]) -> LabelSet:
-    """The security-relevant label set of a pod."""
+def pod_labels(namespace: str, labels: dict[str, str], namespace_labels: dict[str, str] | None = None) -> LabelSet:
+    """The security-relevant label set of a pod: its labels, its namespace, and the labels of
+    its namespace (every namespace carries ``kubernetes.io/metadata.name``, as Kubernetes sets it)."""
     out = {Label("k8s", k, v) for k, v in labels.items()}
     out.add(Label("k8s", NAMESPACE_LABEL, namespace))
+    ns_labels = {"kubernetes.io/metadata.name": namespace, **(namespace_labels or {})}
+    out.update(Label("k8s", NAMESPACE_LABELS_PREFIX + k, v) for k, v in ns_labels.items())
     return frozenset(out)
 
 
