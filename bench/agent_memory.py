@@ -7,22 +7,18 @@ one through the real path (the lab's runtime execs weft-cni, which calls the age
 agent process (/proc/<pid>/status) is read with 1 endpoint and with N, and every 50 in between.
 Targets (from the issue): under 150 MiB at 500 endpoints, and under 10 KiB per added endpoint
 ((RSS_N - RSS_1) / (N - 1)); Cilium's agent takes about 10.5 KiB per pod.
-A node's default IPv4 block is a /24 (253 pods), so for more endpoints the lab node gets a wider
-IPv4 block (for 500, the /23 holding the default /24), written into its config before its agent
-starts.
+A node's default IPv4 block is a /24 (253 pods), so for more endpoints the lab gets a wider node
+block (a /23 for 500) through ``Lab.up(pools=...)``.
 --quick adds 100 endpoints and projects the RSS at 500 from the per-endpoint figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,31 +36,13 @@ from bench.common import (
     say,
     table,
 )
-from weft.ipam.pool import IPFamilies
-from weft.lab.cluster import Lab, NodeInfo, cni_args
+from weft.ipam.pool import DEFAULT_CLUSTER_CIDR_V4, ClusterPool
+from weft.lab.cluster import Lab, cni_args
 
 TARGET_MIB_AT_500 = 150.0
 TARGET_KIB_PER_EP = 10.0
 CILIUM_KIB_PER_EP = 10.5
 FULL = 500
-
-
-class WideLab(Lab):
-    """A lab whose node IPv4 block is widened (prefix ``v4_prefix``) before the agent starts."""
-
-    def __init__(self, name: str, v4_prefix: int) -> None:
-        super().__init__(name)
-        self.v4_prefix = v4_prefix
-
-    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, Any]) -> NodeInfo:
-        node = super()._make_node(index, family, pools)
-        path = Path(node.config_path)
-        config = json.loads(path.read_text())
-        block = config.get("pod_block_v4")
-        if block and ipaddress.ip_network(block).prefixlen > self.v4_prefix:
-            config["pod_block_v4"] = str(ipaddress.ip_network(block).supernet(new_prefix=self.v4_prefix))
-            path.write_text(json.dumps(config, indent=1))
-        return node
 
 
 def agent_pid(lab: Lab) -> int:
@@ -103,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     v4_prefix = min(24, 32 - (total + 3).bit_length())
 
     with bench_session():
-        lab = WideLab(f"{PREFIX}m", v4_prefix)
+        lab = Lab(f"{PREFIX}m")
         names = [f"{PREFIX}-ep-{i}" for i in range(total)]
         samples: list[tuple[int, dict[str, int], float]] = []  # endpoints, /proc status, median ADD ms
         try:
             ensure_bpf()
             say(f"lab {lab.name}: up (1 node, {opts.family}); {total} container netns")
-            lab.up(nodes=1, ip_family=opts.family)
+            lab.up(nodes=1, ip_family=opts.family, pools={4: ClusterPool.parse(DEFAULT_CLUSTER_CIDR_V4, v4_prefix)})
             node = lab.load().nodes[0]
             client = lab.client(node)
             runtime = lab.runtime(node)

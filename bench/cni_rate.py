@@ -43,6 +43,7 @@ from bench.common import (
     netns_add_many,
     netns_del,
     netns_del_many,
+    paired_ratio,
     run,
     say,
     spread,
@@ -103,7 +104,7 @@ def one_round(side: Side, netns_names: Sequence[str]) -> None:
     side.del_ms.append(median(dels))
 
 
-def time_execs(fn: Callable[[], None], n: int) -> float:
+def time_execs(fn: Callable[[], object], n: int) -> float:
     """Median wall time of ``fn`` in ms over ``n`` calls."""
     samples = []
     for _ in range(n):
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         ["verb", "through plugin", "agent alone", "plugin exec+client", "of which VERSION floor"],
         [["ADD", f"{w_add:.1f}", f"{a_add:.1f}", f"{w_add - a_add:.1f}", f"{v_weft:.1f}"],
          ["DEL", f"{w_del:.1f}", f"{a_del:.1f}", f"{w_del - a_del:.1f}", f"{v_weft:.1f}"]]))
+    say(f"median of per-round ratios (noise check): {paired_ratio(weft.pairs_per_s, ref.pairs_per_s):.3f}")
     say(f"(nsenter + exec of /bin/true: {nsenter_floor:.1f} ms; runtime: libcni-like Python CniRuntime, same for both)")
     dump_json(opts.json, {
         "rounds": rounds, "pairs": pairs, "family": opts.family,

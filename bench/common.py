@@ -56,7 +56,7 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 20.0, in
 def run(*argv: str, check: bool = True, timeout: float = 60, input_text: str | None = None,
         env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, input=input_text,
-                          env=env)
+                          env=bench_env(**(env or {})))
     if check and proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)}: rc={proc.returncode}: {(proc.stderr or proc.stdout).strip()}")
     return proc.stdout
@@ -169,7 +169,7 @@ def reap_stale() -> list[str]:
 
     def stale(name: str) -> bool:
         m = _STALE_RE.match(name)
-        return bool(m) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+        return m is not None and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
 
     removed: list[str] = []
     if LABS_DIR.is_dir():
@@ -247,6 +247,12 @@ def build_rr() -> Path:
 # ---------------------------------------------------------------------------- statistics / output
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a_i / b_i: each round's A and B ran back to back, so load that hits
+    both cancels out. Shown next to the ratio of medians as a check on noise."""
+    return median([x / y for x, y in zip(a, b, strict=True)])
 
 
 def spread(values: Sequence[float]) -> str:

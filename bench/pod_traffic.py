@@ -33,6 +33,7 @@ from bench.common import (
     BenchError,
     Processes,
     Result,
+    bench_env,
     bench_session,
     build_rr,
     dump_json,
@@ -41,6 +42,7 @@ from bench.common import (
     median,
     netns_add,
     netns_del,
+    paired_ratio,
     run,
     say,
     spread,
@@ -99,7 +101,8 @@ def build_plain(node: str, pod_a: str, pod_b: str) -> None:
 def iperf_gbps(path: TrafficPath, version: int, seconds: float) -> float:
     argv = in_netns(path.client_ns, ["iperf3", "-c", path.dst[version], "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
                                      "-O", "1", "-J"])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False,
+                          env=bench_env())
     try:
         data: dict[str, Any] = json.loads(proc.stdout)
     except ValueError:
@@ -111,7 +114,8 @@ def iperf_gbps(path: TrafficPath, version: int, seconds: float) -> float:
 
 def rr_once(rr: Path, path: TrafficPath, version: int, seconds: float) -> dict[str, Any]:
     argv = in_netns(path.client_ns, [str(rr), "client", path.dst[version], str(RR_PORT), f"{seconds:g}"])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False,
+                          env=bench_env())
     if proc.returncode != 0:
         raise BenchError(f"rr on {path.name} (IPv{version}): {proc.stderr.strip()}")
     out: dict[str, Any] = json.loads(proc.stdout)
@@ -194,18 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     for v in versions:
         tw, tp = median(weft.tcp_gbps[v]), median(plain.tcp_gbps[v])
         rw, rp = median(weft.rr_rate[v]), median(plain.rr_rate[v])
+        t_pair = paired_ratio(weft.tcp_gbps[v], plain.tcp_gbps[v])
+        r_pair = paired_ratio(weft.rr_rate[v], plain.rr_rate[v])
         rows.append([f"TCP 1 stream IPv{v}", f"{tw:.2f} Gbit/s", spread(weft.tcp_gbps[v]), f"{tp:.2f} Gbit/s",
-                     spread(plain.tcp_gbps[v]), f"{tw / tp:.3f}"])
+                     spread(plain.tcp_gbps[v]), f"{tw / tp:.3f}", f"{t_pair:.3f}"])
         rows.append([f"req/resp 1 B IPv{v}", f"{rw:.0f}/s", spread(weft.rr_rate[v]), f"{rp:.0f}/s",
-                     spread(plain.rr_rate[v]), f"{rw / rp:.3f}"])
-        rows.append([f"  rr p50 latency IPv{v}", f"{median(weft.rr_p50[v]):.1f} us", "",
-                     f"{median(plain.rr_p50[v]):.1f} us", "", ""])
+                     spread(plain.rr_rate[v]), f"{rw / rp:.3f}", f"{r_pair:.3f}"])
+        rows.append([f"  rr p50 latency IPv{v}", f"{median(weft.rr_p50[v]):.1f} us", spread(weft.rr_p50[v]),
+                     f"{median(plain.rr_p50[v]):.1f} us", spread(plain.rr_p50[v]), "", ""])
         sfx = "" if v == 4 else "6"
         results.append(Result(f"pod_traffic.tcp{sfx}", tw / tp, TARGET, True,
                               f"IPv{v} weft {tw:.2f} Gbit/s vs plain {tp:.2f} Gbit/s, {rounds} rounds x {seconds:g} s"))
         results.append(Result(f"pod_traffic.rr{sfx}", rw / rp, TARGET, True,
                               f"IPv{v} weft {rw:.0f}/s vs plain {rp:.0f}/s, {rounds} rounds x {seconds:g} s"))
-    say(table(["metric", "weft (median)", "range", "plain (median)", "range", "weft/plain"], rows))
+    say(table(["metric", "weft (median)", "range", "plain (median)", "range", "weft/plain", "paired"], rows))
+    say("weft/plain: ratio of the medians (the RESULT); paired: median of the per-round ratios (noise check)")
     if counters:
         say("weft datapath counters during the rounds: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     else:
