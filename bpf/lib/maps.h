@@ -3,13 +3,16 @@
  * Every map of the datapath, declared in one place. All are pinned by name
  * (LIBBPF_PIN_BY_NAME) under the node's pin directory, so a restarted agent reopens the same
  * maps and the programs keep their state while no agent runs. The agent is the only writer.
+ *
+ * Changing a map's type, key/value size or max_entries makes libbpf refuse to reuse the pin
+ * of an older build ("couldn't reuse pinned map"): such a change needs a migration.
  */
 #ifndef WEFT_LIB_MAPS_H
 #define WEFT_LIB_MAPS_H
 
 #include "common.h"
 
-/* Pod address -> endpoint (delivery target, identity). */
+/* Pod address -> endpoint: the source check (anti-spoofing) and local delivery target. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct weft_ep_key);
@@ -18,7 +21,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_endpoints SEC(".maps");
 
-/* Host-side interface (ifindex) -> the endpoint behind it. */
+/* Host-side interface (ifindex) -> the endpoint behind it. Needed because a pod's neighbour
+ * solicitations often come from its link-local address, which is in no endpoint entry, and the
+ * answer still needs that interface's MAC. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -27,7 +32,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_lxc SEC(".maps");
 
-/* Packet and byte counters by enum weft_metric. */
+/* Packet and byte counters by enum weft_metric. Per-CPU: no atomics on the hot path. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

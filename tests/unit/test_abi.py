@@ -1,12 +1,20 @@
 """The Python mirror (weft.datapath.abi) against the compiled objects' BTF: every struct's size,
-every member's offset and size, and the enum values. A header change without a mirror change
-fails here."""
+every member's name, offset and size, the enum values, the header's constants and the maps'
+key/value types and sizes. A header change without a mirror change fails here (the last test
+proves that by compiling a mutated copy of the header).
+
+Two objects are read: the programs' object (the structs the programs really use) and
+weft_abi_check.o, which exists so that BTF also describes what the programs only use as
+constants (enum weft_metric). No root needed.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,14 +33,28 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "weft_ep_value": abi.EpValue,
     "weft_metric_value": abi.MetricValue,
 }
+# map name -> (C key type name, C value type name, max_entries constant in the mirror)
+MAPS: dict[str, tuple[str, str, int]] = {
+    "weft_endpoints": ("weft_ep_key", "weft_ep_value", abi.ENDPOINTS_MAX),
+    "weft_lxc": ("__u32", "weft_ep_value", abi.LXC_MAX),
+    "weft_metrics": ("__u32", "weft_metric_value", abi.METRICS_MAX),
+}
+
+
+@functools.cache
+def build_objects() -> None:
+    """`make bpf` once per session (a no-op when the objects are up to date)."""
+    if shutil.which("clang") is None or shutil.which("bpftool") is None:
+        pytest.fail("clang and bpftool are needed (make apt)")
+    subprocess.run(["make", "-s", "bpf"], cwd=ROOT, check=True)
 
 
 class Btf:
+    """The BTF of one object file, from `bpftool btf dump file X format raw -j`."""
+
     def __init__(self, obj: Path) -> None:
-        if not obj.exists() or obj.stat().st_mtime < HEADER.stat().st_mtime:
-            subprocess.run(["make", "-s", "bpf"], cwd=ROOT, check=True)
-        raw = subprocess.run(["bpftool", "btf", "dump", "file", str(obj), "-j"], capture_output=True, text=True,
-                             check=True).stdout
+        raw = subprocess.run(["bpftool", "btf", "dump", "file", str(obj), "format", "raw", "-j"],
+                             capture_output=True, text=True, check=True).stdout
         self.types: dict[int, dict[str, Any]] = {t["id"]: t for t in json.loads(raw)["types"]}
 
     def named(self, kind: str, name: str) -> dict[str, Any]:
@@ -41,36 +63,66 @@ class Btf:
                 return t
         raise KeyError(f"{kind} {name} not in BTF")
 
-    def size_of(self, type_id: int) -> int:
+    def resolve(self, type_id: int) -> dict[str, Any]:
+        """Through typedefs and qualifiers to the underlying type, keeping the first name seen."""
         t = self.types[type_id]
-        if t["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
-            return self.size_of(t["type_id"])
+        while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT"):
+            t = self.types[t["type_id"]]
+        return t
+
+    def size_of(self, type_id: int) -> int:
+        t = self.resolve(type_id)
         if t["kind"] == "ARRAY":
             return int(t["nr_elems"]) * self.size_of(t["type_id"])
         return int(t["size"])
 
+    def layout(self, c_name: str) -> tuple[int, list[tuple[str, int, int]]]:
+        """(sizeof, [(member, byte offset, byte size)]) of a struct."""
+        s = self.named("STRUCT", c_name)
+        return int(s["size"]), [(m["name"], m["bits_offset"] // 8, self.size_of(m["type_id"])) for m in s["members"]]
+
+
+def mirror_layout(mirror: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
+    return ctypes.sizeof(mirror), [(name, getattr(mirror, name).offset, getattr(mirror, name).size)
+                                   for name, *_ in mirror._fields_]
+
+
+def layout_mismatches(btf: Btf) -> list[str]:
+    out = []
+    for c_name, mirror in STRUCTS.items():
+        c, py = btf.layout(c_name), mirror_layout(mirror)
+        if c != py:
+            out.append(f"struct {c_name}: C {c} != Python {mirror.__name__} {py}")
+    return out
+
+
+@functools.cache
+def btf_of(obj: Path) -> Btf:
+    build_objects()
+    return Btf(obj)
+
 
 @pytest.fixture(scope="module", params=[PROGRAM_OBJECT, ABI_OBJECT], ids=["programs", "abi-check"])
 def btf(request: pytest.FixtureRequest) -> Btf:
-    return Btf(request.param)
+    return btf_of(request.param)
 
 
 @pytest.mark.parametrize("c_name", sorted(STRUCTS))
 def test_struct_layout_matches(btf: Btf, c_name: str) -> None:
     mirror = STRUCTS[c_name]
-    c_struct = btf.named("STRUCT", c_name)
-    assert ctypes.sizeof(mirror) == c_struct["size"], f"sizeof(struct {c_name})"
-    c_members = [(m["name"], m["bits_offset"] // 8, btf.size_of(m["type_id"])) for m in c_struct["members"]]
-    py_members = [(name, getattr(mirror, name).offset, getattr(mirror, name).size) for name, *_ in mirror._fields_]
+    c_size, c_members = btf.layout(c_name)
+    py_size, py_members = mirror_layout(mirror)
+    assert py_size == c_size, f"sizeof(struct {c_name})"
     assert py_members == c_members, f"members of struct {c_name}: (name, offset, size)"
 
 
 def test_metric_enum_matches() -> None:
-    enum = Btf(ABI_OBJECT).named("ENUM", "weft_metric")
+    enum = btf_of(ABI_OBJECT).named("ENUM", "weft_metric")
     c_values = {v["name"].removeprefix("WEFT_M_"): v["val"] for v in enum["values"]}
     count = c_values.pop("_COUNT")
     assert {m.name: int(m) for m in abi.Metric} == c_values
-    assert count == abi.METRIC_COUNT
+    assert count == abi.METRIC_COUNT == len(abi.Metric)
+    assert count <= abi.METRICS_MAX, "every metric has a slot in weft_metrics"
 
 
 @pytest.mark.parametrize(
@@ -80,17 +132,43 @@ def test_metric_enum_matches() -> None:
      ("WEFT_METRICS_MAX", abi.METRICS_MAX), ("WEFT_EP_F_LOCAL", abi.EP_F_LOCAL)],
 )
 def test_constants_match_header(macro: str, value: int) -> None:
+    # Macros leave no trace in BTF: read them from the header.
     match = re.search(rf"#define\s+{macro}\s+(0x[0-9a-fA-F]+|\d+)", HEADER.read_text())
     assert match, f"{macro} not defined in {HEADER.name}"
     assert int(match.group(1), 0) == value
 
 
-def test_map_sizes_in_object_match_constants() -> None:
-    btf = Btf(PROGRAM_OBJECT)
-    # max_entries of a BTF-defined map is encoded as the element count of an array type.
-    for var, expected in (("weft_endpoints", abi.ENDPOINTS_MAX), ("weft_lxc", abi.LXC_MAX),
-                          ("weft_metrics", abi.METRICS_MAX)):
-        map_struct = btf.types[btf.named("VAR", var)["type_id"]]
-        member = next(m for m in map_struct["members"] if m["name"] == "max_entries")
-        pointee = btf.types[btf.types[member["type_id"]]["type_id"]]
-        assert pointee["nr_elems"] == expected, var
+@pytest.mark.parametrize("map_name", sorted(MAPS))
+def test_maps_in_object_use_the_abi_types(map_name: str) -> None:
+    """A BTF-defined map is a struct whose members are pointers: key/value point at the types,
+    max_entries at an array whose element count is the value."""
+    btf = btf_of(PROGRAM_OBJECT)
+    key_name, value_name, max_entries = MAPS[map_name]
+    members = {m["name"]: m["type_id"] for m in btf.types[btf.named("VAR", map_name)["type_id"]]["members"]}
+
+    def pointee(member: str) -> dict[str, Any]:
+        return btf.types[btf.types[members[member]]["type_id"]]
+
+    assert pointee("key").get("name") == key_name
+    assert pointee("value").get("name") == value_name
+    assert pointee("max_entries")["nr_elems"] == max_entries
+    assert "pinning" in members, "maps are pinned by name so state survives reloads"
+
+
+def test_a_header_change_without_the_mirror_is_caught(tmp_path: Path) -> None:
+    """Compile weft_abi_check.c against a copy of the header where one field grew, and check the
+    comparison above reports it (so the tests cannot pass vacuously)."""
+    build_objects()
+    include = tmp_path / "include" / "shared"
+    include.mkdir(parents=True)
+    text = HEADER.read_text()
+    mutated = text.replace("__u32 identity;", "__u64 identity;").replace(
+        '_Static_assert(sizeof(struct weft_ep_value) == 28, "weft_ep_value size");', "")
+    assert mutated != text, "the mutation no longer applies: update this test"
+    (include / "weft_abi.h").write_text(mutated)
+    obj = tmp_path / "abi.o"
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I{tmp_path / 'include'}", f"-I{ROOT / 'bpf'}",
+                    "-c", str(ROOT / "bpf" / "weft_abi_check.c"), "-o", str(obj)], check=True)
+    problems = layout_mismatches(Btf(obj))
+    assert problems and "weft_ep_value" in problems[0]
+    assert layout_mismatches(btf_of(ABI_OBJECT)) == []
