@@ -13,5 +13,11 @@ struct weft_ep_key weft_abi_ep_key;
 struct weft_ep_value weft_abi_ep_value;
 struct weft_metric_value weft_abi_metric_value;
 enum weft_metric weft_abi_metric;
+struct weft_policy_key weft_abi_policy_key;
+struct weft_policy_value weft_abi_policy_value;
+struct weft_ipcache_key weft_abi_ipcache_key;
+struct weft_ipcache_value weft_abi_ipcache_value;
+struct weft_ct_key weft_abi_ct_key;
+struct weft_ct_value weft_abi_ct_value;
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -24,24 +24,53 @@
 #include "lib/ipv6.h"
 #include "lib/arp.h"
 #include "lib/ndp.h"
+#include "lib/flow.h"
+#include "lib/identity.h"
+#include "lib/conntrack.h"
 #include "lib/policy.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/*
+ * Policy for a packet a pod sends: connection tracking first (replies and related ICMP pass),
+ * then the source's egress policy and, when the destination is a pod of this node, its ingress
+ * policy too (redirect_peer skips the destination veth's hooks, so it is enforced here).
+ * A packet both sides allow opens (or refreshes) a tracked connection.
+ */
+static __always_inline int enforce_from_container(struct __sk_buff *skb, const struct weft_ep_value *src,
+						  const struct weft_ep_value *dst, struct weft_flow *flow)
+{
+	enum ct_status status = ct_lookup(skb, flow);
+	__u32 dst_identity;
+	int verdict;
+
+	if (status == CT_REPLY || status == CT_RELATED)
+		return TC_ACT_OK;
+	if (flow_is_icmp6_nd(flow))
+		return TC_ACT_OK;
+	dst_identity = dst ? dst->identity : ipcache_identity(flow->key.family, flow->key.daddr);
+	verdict = policy_enforce(skb, src, dst_identity, WEFT_DIR_EGRESS, flow, status == CT_NEW);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (dst && (dst->flags & WEFT_EP_F_LOCAL)) {
+		verdict = policy_enforce(skb, dst, src->identity, WEFT_DIR_INGRESS, flow, status == CT_NEW);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+	}
+	if (status == CT_NEW)
+		ct_create(skb, flow);
+	return TC_ACT_OK;
+}
 
 /*
  * Hand the packet to a pod on this node: L2 addressed as if the pod's gateway (its host veth)
  * had sent it, then redirected into the pod's netns. Called after the L3 header was changed
  * (TTL/hop limit), so packet pointers are re-derived here.
  */
-static __always_inline int deliver_local(struct __sk_buff *skb, const struct weft_ep_value *src,
-					 const struct weft_ep_value *dst, __u32 metric)
+static __always_inline int deliver_local(struct __sk_buff *skb, const struct weft_ep_value *dst, __u32 metric)
 {
 	struct ethhdr *eth;
-	int verdict;
 
-	verdict = policy_ingress(skb, src, dst);
-	if (verdict != TC_ACT_OK)
-		return verdict;
 	eth = eth_hdr(skb);
 	if (!eth) {
 		metric_inc(WEFT_M_DROP_INVALID, skb->len);
@@ -59,6 +88,7 @@ static __always_inline int from_container_v4(struct __sk_buff *skb)
 {
 	const struct weft_ep_value *src, *dst;
 	struct iphdr *ip = ipv4_hdr(skb);
+	struct weft_flow flow = {};
 	int verdict;
 
 	if (!ip) {
@@ -76,10 +106,18 @@ static __always_inline int from_container_v4(struct __sk_buff *skb)
 		metric_inc(WEFT_M_DROP_SPOOF, skb->len);
 		return TC_ACT_SHOT;
 	}
-	verdict = policy_egress(skb, src);
+	dst = ep_lookup_v4(ip->daddr);
+	if (flow_v4(skb, ip, &flow) < 0) {
+		metric_inc(WEFT_M_DROP_INVALID, skb->len);
+		return TC_ACT_SHOT;
+	}
+	verdict = enforce_from_container(skb, src, dst, &flow);
 	if (verdict != TC_ACT_OK)
 		return verdict;
-	dst = ep_lookup_v4(ip->daddr);
+	/* Policy code may not move packet data, but the pointer is re-derived to be sure. */
+	ip = ipv4_hdr(skb);
+	if (!ip)
+		return TC_ACT_SHOT;
 	/* With TTL 1 the packet must die here with an ICMP time-exceeded: only the stack sends
 	 * those, so it gets the packet. */
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip->ttl <= 1) {
@@ -90,13 +128,14 @@ static __always_inline int from_container_v4(struct __sk_buff *skb)
 		metric_inc(WEFT_M_DROP_INVALID, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return deliver_local(skb, src, dst, WEFT_M_FWD_PEER_V4);
+	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V4);
 }
 
 static __always_inline int from_container_v6(struct __sk_buff *skb)
 {
 	const struct weft_ep_value *src, *dst;
 	struct ipv6hdr *ip6 = ipv6_hdr(skb);
+	struct weft_flow flow = {};
 	int verdict;
 
 	if (!ip6) {
@@ -126,17 +165,24 @@ static __always_inline int from_container_v6(struct __sk_buff *skb)
 		metric_inc(WEFT_M_DROP_SPOOF, skb->len);
 		return TC_ACT_SHOT;
 	}
-	verdict = policy_egress(skb, src);
+	dst = ep_lookup_v6(&ip6->daddr);
+	if (flow_v6(skb, ip6, &flow) < 0) {
+		metric_inc(WEFT_M_DROP_INVALID, skb->len);
+		return TC_ACT_SHOT;
+	}
+	verdict = enforce_from_container(skb, src, dst, &flow);
 	if (verdict != TC_ACT_OK)
 		return verdict;
-	dst = ep_lookup_v6(&ip6->daddr);
+	ip6 = ipv6_hdr(skb);
+	if (!ip6)
+		return TC_ACT_SHOT;
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1) {
 		metric_inc(WEFT_M_TO_STACK_V6, skb->len);
 		return TC_ACT_OK;
 	}
 	/* No header checksum in IPv6, and the hop limit is not in any upper-layer pseudo-header. */
 	ip6->hop_limit--;
-	return deliver_local(skb, src, dst, WEFT_M_FWD_PEER_V6);
+	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V6);
 }
 
 SEC("tc")
@@ -161,24 +207,69 @@ int from_container(struct __sk_buff *skb)
 	}
 }
 
+/*
+ * Ingress policy for what the node's stack sends to a pod (the node itself, or peers routed
+ * through it). The destination is the endpoint behind this interface; the peer's identity
+ * comes from the ipcache (host, CIDR identities) or is world.
+ */
+static __always_inline int enforce_to_container(struct __sk_buff *skb, struct weft_flow *flow)
+{
+	const struct weft_ep_value *dst;
+	enum ct_status status;
+	int verdict;
+
+	dst = ep_of_ifindex(skb->ifindex);
+	if (!dst)
+		return TC_ACT_OK; /* not (yet) an endpoint: nothing to enforce */
+	status = ct_lookup(skb, flow);
+	if (status == CT_REPLY || status == CT_RELATED || flow_is_icmp6_nd(flow))
+		return TC_ACT_OK;
+	verdict = policy_enforce(skb, dst, ipcache_identity(flow->key.family, flow->key.saddr), WEFT_DIR_INGRESS,
+				 flow, status == CT_NEW);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (status == CT_NEW)
+		ct_create(skb, flow);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int to_container(struct __sk_buff *skb)
 {
 	struct ethhdr *eth = eth_hdr(skb);
+	struct weft_flow flow = {};
+	struct ipv6hdr *ip6;
+	struct iphdr *ip;
 	__u32 metric;
 	int verdict;
 
 	if (!eth)
 		return TC_ACT_OK;
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		metric = WEFT_M_TO_POD_V4;
-	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		ip = ipv4_hdr(skb);
+		if (!ip || flow_v4(skb, ip, &flow) < 0) {
+			metric_inc(WEFT_M_DROP_INVALID, skb->len);
+			return TC_ACT_SHOT;
+		}
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		metric = WEFT_M_TO_POD_V6;
-	else
+		ip6 = ipv6_hdr(skb);
+		if (!ip6 || flow_v6(skb, ip6, &flow) < 0) {
+			metric_inc(WEFT_M_DROP_INVALID, skb->len);
+			return TC_ACT_SHOT;
+		}
+		/* The datapath's own neighbour advertisements and the node's link-local traffic
+		 * (NDP, MLD) keep the link working; they carry no identity. */
+		if (ipv6_addr_is_link_local((struct in6_addr *)flow.key.saddr) ||
+		    ipv6_addr_is_unspec((struct in6_addr *)flow.key.saddr) || flow_is_icmp6_nd(&flow)) {
+			metric_inc(metric, skb->len);
+			return TC_ACT_OK;
+		}
+	} else {
 		return TC_ACT_OK; /* ARP and the like: link housekeeping, not policy's concern */
-	/* The destination endpoint is weft_lxc[skb->ifindex]; it is not looked up until policy
-	 * needs it, to keep this path free of map lookups. */
-	verdict = policy_ingress(skb, NULL, NULL);
+	}
+	verdict = enforce_to_container(skb, &flow);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	metric_inc(metric, skb->len);

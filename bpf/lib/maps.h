@@ -41,4 +41,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_metrics SEC(".maps");
 
+/* Policy entries of every endpoint of the node (see struct weft_policy_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct weft_policy_key);
+	__type(value, struct weft_policy_value);
+	__uint(max_entries, WEFT_POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_policy SEC(".maps");
+
+/* Prefix -> identity for peers that are not local endpoints. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct weft_ipcache_key);
+	__type(value, struct weft_ipcache_value);
+	__uint(max_entries, WEFT_IPCACHE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ipcache SEC(".maps");
+
+/* Tracked connections. LRU: under pressure the least recently used go first, never a new one
+ * failing to be tracked. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct weft_ct_key);
+	__type(value, struct weft_ct_value);
+	__uint(max_entries, WEFT_CT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_ct SEC(".maps");
+
 #endif

@@ -85,7 +85,9 @@ class Delta:
         return p1 - p0, b1 - b0
 
     def changed(self) -> set[str]:
-        return {k for k in self.after if self.after[k] != self.before[k]}
+        """Counters that moved, apart from connection tracking's (tests of forwarding do not
+        care whether a flow was new; test_datapath_policy.py does)."""
+        return {k for k in self.after if self.after[k] != self.before[k] and not k.startswith("ct_")}
 
 
 # ---------------------------------------------------------------------------- packet builders
@@ -389,7 +391,7 @@ def test_arbitrary_frames_never_fail_to_run(dp: NodeDatapath, proto: int, body: 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ttl=st.integers(2, 255), ident=st.integers(0, 0xFFFF), tos=st.integers(0, 255),
-       payload=st.binary(min_size=0, max_size=64))
+       payload=st.binary(min_size=8, max_size=64))  # at least a UDP header: shorter is malformed
 def test_forwarded_ipv4_checksum_always_valid(dp: NodeDatapath, ttl: int, ident: int, tos: int,
                                               payload: bytes) -> None:
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(payload), ident, 0, ttl, IPPROTO_UDP, 0, ip(POD4),

@@ -32,12 +32,21 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "weft_ep_key": abi.EpKey,
     "weft_ep_value": abi.EpValue,
     "weft_metric_value": abi.MetricValue,
+    "weft_policy_key": abi.PolicyKey,
+    "weft_policy_value": abi.PolicyValue,
+    "weft_ipcache_key": abi.IpcacheKey,
+    "weft_ipcache_value": abi.IpcacheValue,
+    "weft_ct_key": abi.CtKey,
+    "weft_ct_value": abi.CtValue,
 }
 # map name -> (C key type name, C value type name, max_entries constant in the mirror)
 MAPS: dict[str, tuple[str, str, int]] = {
     "weft_endpoints": ("weft_ep_key", "weft_ep_value", abi.ENDPOINTS_MAX),
     "weft_lxc": ("__u32", "weft_ep_value", abi.LXC_MAX),
     "weft_metrics": ("__u32", "weft_metric_value", abi.METRICS_MAX),
+    "weft_policy": ("weft_policy_key", "weft_policy_value", abi.POLICY_MAX),
+    "weft_ipcache": ("weft_ipcache_key", "weft_ipcache_value", abi.IPCACHE_MAX),
+    "weft_ct": ("weft_ct_key", "weft_ct_value", abi.CT_MAX),
 }
 
 
@@ -129,7 +138,12 @@ def test_metric_enum_matches() -> None:
     ("macro", "value"),
     [("WEFT_ABI_VERSION", abi.ABI_VERSION), ("WEFT_FAMILY_V4", abi.FAMILY_V4), ("WEFT_FAMILY_V6", abi.FAMILY_V6),
      ("WEFT_ENDPOINTS_MAX", abi.ENDPOINTS_MAX), ("WEFT_LXC_MAX", abi.LXC_MAX),
-     ("WEFT_METRICS_MAX", abi.METRICS_MAX), ("WEFT_EP_F_LOCAL", abi.EP_F_LOCAL)],
+     ("WEFT_METRICS_MAX", abi.METRICS_MAX), ("WEFT_EP_F_LOCAL", abi.EP_F_LOCAL),
+     ("WEFT_EP_F_INGRESS_ENFORCED", abi.EP_F_INGRESS_ENFORCED), ("WEFT_EP_F_EGRESS_ENFORCED", abi.EP_F_EGRESS_ENFORCED),
+     ("WEFT_EP_F_HAS_DENY", abi.EP_F_HAS_DENY), ("WEFT_POLICY_MAX", abi.POLICY_MAX),
+     ("WEFT_IPCACHE_MAX", abi.IPCACHE_MAX), ("WEFT_CT_MAX", abi.CT_MAX), ("WEFT_DIR_INGRESS", abi.DIR_INGRESS),
+     ("WEFT_DIR_EGRESS", abi.DIR_EGRESS), ("WEFT_POLICY_FIXED_BITS", abi.POLICY_FIXED_BITS),
+     ("WEFT_CT_F_REPLY_SEEN", abi.CT_F_REPLY_SEEN), ("WEFT_CT_F_CLOSING", abi.CT_F_CLOSING)],
 )
 def test_constants_match_header(macro: str, value: int) -> None:
     # Macros leave no trace in BTF: read them from the header.
@@ -162,7 +176,7 @@ def test_a_header_change_without_the_mirror_is_caught(tmp_path: Path) -> None:
     include = tmp_path / "include" / "shared"
     include.mkdir(parents=True)
     text = HEADER.read_text()
-    mutated = text.replace("__u32 identity;", "__u64 identity;").replace(
+    mutated = text.replace("__u32 identity;", "__u64 identity;", 1).replace(
         '_Static_assert(sizeof(struct weft_ep_value) == 28, "weft_ep_value size");', "")
     assert mutated != text, "the mutation no longer applies: update this test"
     (include / "weft_abi.h").write_text(mutated)

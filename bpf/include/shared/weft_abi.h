@@ -22,6 +22,9 @@
 #define WEFT_ENDPOINTS_MAX 65536
 #define WEFT_LXC_MAX 16384
 #define WEFT_METRICS_MAX 64
+#define WEFT_POLICY_MAX 65536
+#define WEFT_IPCACHE_MAX 65536
+#define WEFT_CT_MAX 131072
 
 /* Endpoint map key: one entry per pod address. IPv4 sits in addr[0..3], the rest zero. */
 struct weft_ep_key {
@@ -32,6 +35,11 @@ struct weft_ep_key {
 _Static_assert(sizeof(struct weft_ep_key) == 20, "weft_ep_key size");
 
 #define WEFT_EP_F_LOCAL 0x1 /* delivered with bpf_redirect_peer to ifindex */
+/* Some policy selects the endpoint in that direction: what no entry allows is dropped. */
+#define WEFT_EP_F_INGRESS_ENFORCED 0x2
+#define WEFT_EP_F_EGRESS_ENFORCED 0x4
+/* The endpoint has deny entries: looked up even in a direction it does not enforce. */
+#define WEFT_EP_F_HAS_DENY 0x8
 
 struct weft_ep_value {
 	__u32 ifindex;     /* host-side veth, in the node's netns */
@@ -68,7 +76,85 @@ enum weft_metric {
 	WEFT_M_DROP_INVALID = 8,  /* malformed packet from a pod */
 	WEFT_M_DROP_SPOOF = 9,    /* pod sent from an address that is not its own */
 	WEFT_M_OTHER = 10,        /* non-IP, non-ARP frames passed to the stack */
-	WEFT_M__COUNT = 11,
+	WEFT_M_DROP_POLICY_INGRESS = 11, /* no policy entry allows it into the destination */
+	WEFT_M_DROP_POLICY_EGRESS = 12,  /* no policy entry allows it out of the source */
+	WEFT_M_DROP_POLICY_DENY = 13,    /* an explicit deny rule matched (ingressDeny/egressDeny) */
+	WEFT_M_DROP_CT_MISSING = 14,     /* a TCP packet that opens nothing and belongs to no tracked
+					  * connection, where policy does not allow it */
+	WEFT_M_CT_NEW = 15,              /* a connection's first packet (an entry was created) */
+	WEFT_M_CT_REPLY = 16,            /* reply of a tracked connection: passes without policy */
+	WEFT_M_CT_RELATED = 17,          /* ICMP error about a tracked connection: passes too */
+	WEFT_M__COUNT = 18,
 };
+
+#define WEFT_DIR_INGRESS 0
+#define WEFT_DIR_EGRESS 1
+
+/*
+ * Policy entries, one LPM trie for the node. The prefix always covers ep_id, identity and
+ * direction (72 bits); proto and the leading bits of dport follow, so "any protocol",
+ * "TCP, any port", a single port and a port range (split into prefixes) are all one lookup.
+ * identity 0 means any peer: the datapath looks up the peer's identity and 0, and a deny from
+ * either wins.
+ */
+#define WEFT_POLICY_FIXED_BITS 72
+struct weft_policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u32 identity;
+	__u8 direction;  /* WEFT_DIR_* */
+	__u8 proto;      /* IP protocol; 0 = any */
+	__be16 dport;    /* network order, so the prefix runs from the port's high bits; ICMP: type */
+};
+_Static_assert(sizeof(struct weft_policy_key) == 16, "weft_policy_key size");
+
+struct weft_policy_value {
+	__u8 deny;
+	__u8 pad[3];
+	__u32 cookie; /* opaque to the datapath: which rule this came from */
+};
+_Static_assert(sizeof(struct weft_policy_value) == 8, "weft_policy_value size");
+
+/* Address prefix -> identity, for peers that are not local endpoints (CIDR identities, the
+ * node itself). What matches nothing is world. prefixlen counts the 32 bits of family+pad. */
+struct weft_ipcache_key {
+	__u32 prefixlen;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct weft_ipcache_key) == 24, "weft_ipcache_key size");
+
+struct weft_ipcache_value {
+	__u32 identity;
+	__u32 flags;
+};
+_Static_assert(sizeof(struct weft_ipcache_value) == 8, "weft_ipcache_value size");
+
+/* Connection tracking: the tuple in the direction of the connection's first packet. ICMP echo
+ * uses the identifier as sport (request) / dport (reply), so a reply is the reversed tuple. */
+struct weft_ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+_Static_assert(sizeof(struct weft_ct_key) == 40, "weft_ct_key size");
+
+#define WEFT_CT_F_REPLY_SEEN 0x1
+#define WEFT_CT_F_CLOSING 0x2 /* FIN or RST seen */
+
+struct weft_ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 flags;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct weft_ct_value) == 40, "weft_ct_value size");
 
 #endif /* WEFT_SHARED_ABI_H */

@@ -22,6 +22,17 @@ ENDPOINTS_MAX = 65536  # WEFT_ENDPOINTS_MAX: max_entries of weft_endpoints
 LXC_MAX = 16384  # WEFT_LXC_MAX: max_entries of weft_lxc
 METRICS_MAX = 64  # WEFT_METRICS_MAX: max_entries of weft_metrics
 EP_F_LOCAL = 0x1  # WEFT_EP_F_LOCAL: deliver with bpf_redirect_peer to ifindex
+EP_F_INGRESS_ENFORCED = 0x2  # WEFT_EP_F_INGRESS_ENFORCED
+EP_F_EGRESS_ENFORCED = 0x4  # WEFT_EP_F_EGRESS_ENFORCED
+EP_F_HAS_DENY = 0x8  # WEFT_EP_F_HAS_DENY
+POLICY_MAX = 65536  # WEFT_POLICY_MAX
+IPCACHE_MAX = 65536  # WEFT_IPCACHE_MAX
+CT_MAX = 131072  # WEFT_CT_MAX
+DIR_INGRESS = 0  # WEFT_DIR_INGRESS
+DIR_EGRESS = 1  # WEFT_DIR_EGRESS
+POLICY_FIXED_BITS = 72  # WEFT_POLICY_FIXED_BITS
+CT_F_REPLY_SEEN = 0x1  # WEFT_CT_F_REPLY_SEEN
+CT_F_CLOSING = 0x2  # WEFT_CT_F_CLOSING
 
 
 class EpKey(ctypes.Structure):
@@ -105,6 +116,13 @@ class Metric(IntEnum):
     DROP_INVALID = 8  # malformed packet from a pod
     DROP_SPOOF = 9  # pod sent from an address that is not its own
     OTHER = 10  # non-IP, non-ARP frames (and ARP/link-local traffic) passed to the stack
+    DROP_POLICY_INGRESS = 11  # no policy entry allows it into the destination
+    DROP_POLICY_EGRESS = 12  # no policy entry allows it out of the source
+    DROP_POLICY_DENY = 13  # an explicit deny rule matched
+    DROP_CT_MISSING = 14  # TCP non-SYN of no tracked connection, not allowed by policy
+    CT_NEW = 15  # a connection's first packet
+    CT_REPLY = 16  # reply of a tracked connection (passes without policy)
+    CT_RELATED = 17  # ICMP error about a tracked connection
 
     @property
     def counter_name(self) -> str:
@@ -112,7 +130,100 @@ class Metric(IntEnum):
         return self.name.lower()
 
 
-METRIC_COUNT = 11  # WEFT_M__COUNT
+METRIC_COUNT = 18  # WEFT_M__COUNT
+
+# Why a packet was dropped, in words (Hubble's drop_reason_desc style), by metric.
+DROP_REASONS: dict[Metric, str] = {
+    Metric.DROP_INVALID: "INVALID_PACKET_DROPPED",
+    Metric.DROP_SPOOF: "INVALID_SOURCE_IP",
+    Metric.DROP_POLICY_INGRESS: "POLICY_DENIED",
+    Metric.DROP_POLICY_EGRESS: "POLICY_DENIED",
+    Metric.DROP_POLICY_DENY: "POLICY_DENY",
+    Metric.DROP_CT_MISSING: "CT_NO_MAP_FOUND",
+}
+
+
+class PolicyKey(ctypes.Structure):
+    """``struct weft_policy_key { __u32 prefixlen; __u32 ep_id; __u32 identity; __u8 direction;
+    __u8 proto; __be16 dport; }`` (an LPM key; dport in network order)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ep_id", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("direction", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("dport", ctypes.c_uint16),
+    ]
+
+    @classmethod
+    def of(cls, ep_id: int, direction: int, identity: int, proto: int, port: int, port_prefix_len: int) -> PolicyKey:
+        if proto == 0 and (port or port_prefix_len):
+            raise ValueError("a port needs a protocol")
+        prefix = POLICY_FIXED_BITS + (8 + port_prefix_len if proto else 0)
+        # Keep only the fixed leading bits: LPM keys must not carry bits past their prefix.
+        mask = (0xFFFF << (16 - port_prefix_len)) & 0xFFFF if port_prefix_len else 0
+        return cls(prefixlen=prefix, ep_id=ep_id, identity=identity, direction=direction, proto=proto,
+                   dport=int.from_bytes((port & mask).to_bytes(2, "big"), "little"))
+
+    def port(self) -> int:
+        return int.from_bytes(int(self.dport).to_bytes(2, "little"), "big")
+
+
+class PolicyValue(ctypes.Structure):
+    """``struct weft_policy_value { __u8 deny; __u8 pad[3]; __u32 cookie; }``"""
+
+    _fields_ = [("deny", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3), ("cookie", ctypes.c_uint32)]
+
+
+class IpcacheKey(ctypes.Structure):
+    """``struct weft_ipcache_key { __u32 prefixlen; __u8 family; __u8 pad[3]; __u8 addr[16]; }``
+    (prefixlen counts the 32 bits of family and pad, then the address's)."""
+
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("addr", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> IpcacheKey:
+        key = cls(prefixlen=32 + network.prefixlen, family=FAMILY_V4 if network.version == 4 else FAMILY_V6)
+        packed = network.network_address.packed
+        ctypes.memmove(key.addr, packed, len(packed))
+        return key
+
+
+class IpcacheValue(ctypes.Structure):
+    """``struct weft_ipcache_value { __u32 identity; __u32 flags; }``"""
+
+    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class CtKey(ctypes.Structure):
+    """``struct weft_ct_key { __u8 saddr[16]; __u8 daddr[16]; __be16 sport; __be16 dport; __u8 proto;
+    __u8 family; __u8 pad[2]; }``"""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class CtValue(ctypes.Structure):
+    """``struct weft_ct_value { __u64 created_ns; __u64 last_seen_ns; __u64 packets; __u64 bytes;
+    __u32 flags; __u32 pad; }``"""
+
+    _fields_ = [
+        ("created_ns", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 

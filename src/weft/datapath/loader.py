@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +24,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from weft.datapath import abi, libbpf
 from weft.datapath.maps import BpfHashMap, PerCpuArray
-from weft.types.addresses import IPAddress
+from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container")
-MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics")
+MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct")
 # clsact's two hook points (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)).
 TC_INGRESS = 0xFFFFFFF2
 TC_EGRESS = 0xFFFFFFF3
@@ -53,10 +56,44 @@ class EndpointEntry:
     identity: int
     pod_mac: str  # "aa:bb:cc:dd:ee:ff"
     host_mac: str
+    # abi.EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED | EP_F_HAS_DENY, as policy decides
+    policy_flags: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class PolicyMapKey:
+    """One policy entry of an endpoint (the endpoint id is the map key's first field)."""
+
+    direction: int  # abi.DIR_INGRESS / DIR_EGRESS
+    identity: int  # peer identity, 0 = any
+    proto: int  # 0 = any
+    port: int
+    port_prefix_len: int  # 0..16
+
+
+@dataclass(frozen=True)
+class PolicyMapValue:
+    deny: bool
+    cookie: int = 0
+
+
+@dataclass(frozen=True)
+class ConntrackEntry:
+    family: int
+    proto: int
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+    packets: int
+    bytes: int
+    flags: int
+    age_ns: int
 
 
 def _value(entry: EndpointEntry) -> abi.EpValue:
-    value = abi.EpValue(ifindex=entry.ifindex, ep_id=entry.ep_id, identity=entry.identity, flags=abi.EP_F_LOCAL)
+    value = abi.EpValue(ifindex=entry.ifindex, ep_id=entry.ep_id, identity=entry.identity,
+                        flags=abi.EP_F_LOCAL | entry.policy_flags)
     abi.set_mac(value.pod_mac, entry.pod_mac)
     abi.set_mac(value.host_mac, entry.host_mac)
     return value
@@ -64,7 +101,8 @@ def _value(entry: EndpointEntry) -> abi.EpValue:
 
 def _entry(ip: IPAddress, value: abi.EpValue) -> EndpointEntry:
     return EndpointEntry(ip=ip, ifindex=int(value.ifindex), ep_id=int(value.ep_id), identity=int(value.identity),
-                         pod_mac=abi.mac_str(value.pod_mac), host_mac=abi.mac_str(value.host_mac))
+                         pod_mac=abi.mac_str(value.pod_mac), host_mac=abi.mac_str(value.host_mac),
+                         policy_flags=int(value.flags) & ~abi.EP_F_LOCAL)
 
 
 class NodeDatapath:
@@ -81,6 +119,12 @@ class NodeDatapath:
         self._endpoints: BpfHashMap[abi.EpKey, abi.EpValue] | None = None
         self._lxc: BpfHashMap[ctypes.c_uint32, abi.EpValue] | None = None
         self._metrics: PerCpuArray[abi.MetricValue] | None = None
+        self._policy: BpfHashMap[abi.PolicyKey, abi.PolicyValue] | None = None
+        self._ipcache: BpfHashMap[abi.IpcacheKey, abi.IpcacheValue] | None = None
+        self._ct: BpfHashMap[abi.CtKey, abi.CtValue] | None = None
+        # ep_id -> its policy entries as written; rebuilt from the map on load, so a sync writes
+        # only what changed.
+        self._policy_cache: dict[int, dict[PolicyMapKey, PolicyMapValue]] = {}
         self._prog_fds: dict[str, int] = {}
         # ifindex -> addresses in weft_endpoints behind it, so that deleting an address knows
         # whether its interface entry (weft_lxc) is still needed without walking the map. We
@@ -114,6 +158,9 @@ class NodeDatapath:
             endpoints = BpfHashMap(obj.map_fd("weft_endpoints"), abi.EpKey, abi.EpValue)
             lxc = BpfHashMap(obj.map_fd("weft_lxc"), ctypes.c_uint32, abi.EpValue)
             metrics = PerCpuArray(obj.map_fd("weft_metrics"), abi.MetricValue, obj.map_max_entries("weft_metrics"))
+            policy = BpfHashMap(obj.map_fd("weft_policy"), abi.PolicyKey, abi.PolicyValue)
+            ipcache = BpfHashMap(obj.map_fd("weft_ipcache"), abi.IpcacheKey, abi.IpcacheValue)
+            ct = BpfHashMap(obj.map_fd("weft_ct"), abi.CtKey, abi.CtValue)
             prog_fds = {name: obj.prog_fd(name) for name in obj.program_names()}
             missing = set(PROGRAMS) - set(prog_fds)
             if missing:
@@ -123,6 +170,13 @@ class NodeDatapath:
             obj.close()
             raise
         self._obj, self._endpoints, self._lxc, self._metrics = obj, endpoints, lxc, metrics
+        self._policy, self._ipcache, self._ct = policy, ipcache, ct
+        self._policy_cache = {}
+        for pkey, pvalue in policy.items():
+            mk = PolicyMapKey(int(pkey.direction), int(pkey.identity), int(pkey.proto), pkey.port(),
+                              max(0, int(pkey.prefixlen) - abi.POLICY_FIXED_BITS - 8) if pkey.proto else 0)
+            self._policy_cache.setdefault(int(pkey.ep_id), {})[mk] = PolicyMapValue(bool(pvalue.deny),
+                                                                                     int(pvalue.cookie))
         self._prog_fds = prog_fds
         self._by_ifindex = {}
         for key, value in endpoints.items():
@@ -264,6 +318,119 @@ class NodeDatapath:
             out[ip] = _entry(ip, value)
         return out
 
+    # ------------------------------------------------------------------ policy
+    def _policy_maps(self) -> tuple[BpfHashMap[abi.PolicyKey, abi.PolicyValue],
+                                    BpfHashMap[abi.IpcacheKey, abi.IpcacheValue],
+                                    BpfHashMap[abi.CtKey, abi.CtValue]]:
+        self._need()
+        assert self._policy is not None and self._ipcache is not None and self._ct is not None
+        return self._policy, self._ipcache, self._ct
+
+    def policy_entries(self, ep_id: int) -> dict[PolicyMapKey, PolicyMapValue]:
+        self._need()
+        return dict(self._policy_cache.get(ep_id, {}))
+
+    def apply_endpoint_policy(self, addresses: list[EndpointEntry], flags: int,
+                              desired: dict[PolicyMapKey, PolicyMapValue]) -> dict[str, int]:
+        """Bring one endpoint's policy entries and enforcement flags to ``desired``, writing only
+        what changed, in an order with no window where a denied packet passes or an allowed one
+        is dropped: deny entries first, then allows, then the enforcement flags (so default deny
+        starts only once its allows are in place), then stale allows, then stale denies.
+        ``addresses`` are the endpoint's entries (same ep_id); their flags are rewritten."""
+        policy, _, _ = self._policy_maps()
+        if not addresses:
+            return {"written": 0, "deleted": 0}
+        ep_id = addresses[0].ep_id
+        current = self._policy_cache.setdefault(ep_id, {})
+        has_deny = any(v.deny for v in desired.values())
+        old_flags = addresses[0].policy_flags
+
+        def write_flags(value: int) -> None:
+            for entry in addresses:
+                self.upsert_endpoint(EndpointEntry(entry.ip, entry.ifindex, entry.ep_id, entry.identity,
+                                                   entry.pod_mac, entry.host_mac, value))
+
+        if has_deny and not old_flags & abi.EP_F_HAS_DENY:
+            write_flags(old_flags | abi.EP_F_HAS_DENY)  # harmless until deny entries exist
+        for key in desired:
+            if key.proto == 0 and (key.port or key.port_prefix_len):
+                raise ValueError(f"{key}: a port needs a protocol")
+            if not 0 <= key.port_prefix_len <= 16 or key.port & ~((0xFFFF << (16 - key.port_prefix_len)) & 0xFFFF):
+                raise ValueError(f"{key}: port {key.port} has bits beyond its /{key.port_prefix_len} prefix")
+        changed = {k: v for k, v in desired.items() if current.get(k) != v}
+        stale = [k for k in current if k not in desired]
+        written = 0
+        for want_deny in (True, False):
+            for key, value in sorted(changed.items()):
+                if value.deny == want_deny:
+                    policy[self._policy_key(ep_id, key)] = abi.PolicyValue(deny=int(value.deny), cookie=value.cookie)
+                    current[key] = value
+                    written += 1
+        enforce = flags & (abi.EP_F_INGRESS_ENFORCED | abi.EP_F_EGRESS_ENFORCED)
+        stale_deny = any(current[k].deny for k in stale)
+        # HAS_DENY stays on while any deny entry, new or stale, is in the map.
+        write_flags(enforce | (abi.EP_F_HAS_DENY if has_deny or stale_deny else 0))
+        deleted = 0
+        for want_deny in (False, True):
+            for key in sorted(stale):
+                if key in current and current[key].deny == want_deny:
+                    policy.delete(self._policy_key(ep_id, key))
+                    del current[key]
+                    deleted += 1
+        if stale_deny and not has_deny:
+            write_flags(enforce)
+        if not current:
+            self._policy_cache.pop(ep_id, None)
+        return {"written": written, "deleted": deleted}
+
+    def delete_endpoint_policy(self, ep_id: int) -> None:
+        policy, _, _ = self._policy_maps()
+        for key in list(self._policy_cache.get(ep_id, {})):
+            policy.delete(self._policy_key(ep_id, key))
+        self._policy_cache.pop(ep_id, None)
+
+    def policy_endpoint_ids(self) -> set[int]:
+        self._need()
+        return set(self._policy_cache)
+
+    @staticmethod
+    def _policy_key(ep_id: int, key: PolicyMapKey) -> abi.PolicyKey:
+        return abi.PolicyKey.of(ep_id, key.direction, key.identity, key.proto, key.port, key.port_prefix_len)
+
+    def sync_ipcache(self, desired: dict[IPNetwork, int]) -> dict[str, int]:
+        """Prefix -> identity for peers that are not local endpoints; only changes are written."""
+        _, ipcache, _ = self._policy_maps()
+        current: dict[IPNetwork, int] = {}
+        for key, value in ipcache.items():
+            raw = bytes(key.addr)
+            plen = int(key.prefixlen) - 32
+            net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
+                              else ipaddress.IPv6Network((raw, plen)))
+            current[net] = int(value.identity)
+        written = deleted = 0
+        for net, identity in desired.items():
+            if current.get(net) != identity:
+                ipcache[abi.IpcacheKey.of(net)] = abi.IpcacheValue(identity=identity)
+                written += 1
+        for net in current:
+            if net not in desired:
+                ipcache.delete(abi.IpcacheKey.of(net))
+                deleted += 1
+        return {"written": written, "deleted": deleted}
+
+    def conntrack(self) -> list[ConntrackEntry]:
+        _, _, ct = self._policy_maps()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = []
+        for key, value in ct.items():
+            size = 4 if key.family == abi.FAMILY_V4 else 16
+            out.append(ConntrackEntry(
+                family=int(key.family), proto=int(key.proto),
+                src=ipaddress.ip_address(bytes(key.saddr)[:size]), dst=ipaddress.ip_address(bytes(key.daddr)[:size]),
+                sport=socket.ntohs(int(key.sport)), dport=socket.ntohs(int(key.dport)), packets=int(value.packets),
+                bytes=int(value.bytes), flags=int(value.flags), age_ns=max(0, now - int(value.created_ns))))
+        return out
+
     # ------------------------------------------------------------------ reads
     def counters(self) -> dict[str, tuple[int, int]]:
         """Metric name (``fwd_peer_v4``, ...) -> (packets, bytes), summed over CPUs."""
@@ -275,9 +442,13 @@ class NodeDatapath:
         """Map name -> (entries, max_entries); a per-CPU array always counts as full."""
         obj = self._need()
         endpoints, lxc = self._maps()
+        _, ipcache, ct = self._policy_maps()
         return {
             "weft_endpoints": (len(endpoints), obj.map_max_entries("weft_endpoints")),
             "weft_lxc": (len(lxc), obj.map_max_entries("weft_lxc")),
+            "weft_policy": (sum(len(v) for v in self._policy_cache.values()), obj.map_max_entries("weft_policy")),
+            "weft_ipcache": (len(ipcache), obj.map_max_entries("weft_ipcache")),
+            "weft_ct": (len(ct), obj.map_max_entries("weft_ct")),
             "weft_metrics": (obj.map_max_entries("weft_metrics"), obj.map_max_entries("weft_metrics")),
         }
 
@@ -296,6 +467,9 @@ class NodeDatapath:
         self._obj = None
         self._endpoints = self._lxc = None
         self._metrics = None
+        self._policy = self._ipcache = None
+        self._ct = None
+        self._policy_cache = {}
         self._prog_fds = {}
         self._by_ifindex = {}
 
