@@ -49,6 +49,9 @@ class EndpointManager:
         self.state: AgentState = self.store.load(self.blocks)
         self.started_at = time.time()
         self.last_reconcile: dict[str, Any] = {}
+        # ep_id -> enforcement flags policy decided (abi.EP_F_*); kept on every rewrite of an
+        # endpoint's entries so an identity change never drops its enforcement.
+        self.policy_flags: dict[int, int] = {}
 
     def _save(self) -> None:
         self.store.save(self.state)
@@ -117,7 +120,7 @@ class EndpointManager:
         for ip in record.ips():
             self.datapath.upsert_endpoint(EndpointEntry(
                 ip=ip, ifindex=record.host_ifindex, ep_id=record.ep_id, identity=record.identity,
-                pod_mac=record.pod_mac, host_mac=record.host_mac,
+                pod_mac=record.pod_mac, host_mac=record.host_mac, policy_flags=self.policy_flags.get(record.ep_id, 0),
             ))
 
     def _acquire_identity(self, record: EndpointRecord) -> int:
