@@ -9,7 +9,9 @@ gateway address of the node. The same MTU (1500) and veth defaults on both.
 
 Per round and per metric, the two paths run back to back, alternating which goes first:
 iperf3, one TCP stream (-t S, first second omitted) and `rr` (bench/rr.c, built here with gcc:
-1-byte ping-pong on one TCP connection for S seconds). Figures are medians over rounds; ratios
+1-byte ping-pong on one TCP connection for S seconds; client and server pinned to one CPU by
+default, see --rr-cpu: on this 2-vCPU VM a cross-CPU ping-pong is dominated by vCPU wake-ups and
+swings 3x from round to round, unpinned it is bimodal). Figures are medians over rounds; ratios
 are weft/plain (target >= 1.0 each). IPv4; --ipv6 adds the same over IPv6.
 Single runs swing: the note in shared/notes/baselines.md puts A/A noise at +-15% (rr) and +-30%
 (throughput) at 7 rounds.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -112,8 +115,20 @@ def iperf_gbps(path: TrafficPath, version: int, seconds: float) -> float:
     return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def rr_once(rr: Path, path: TrafficPath, version: int, seconds: float) -> dict[str, Any]:
-    argv = in_netns(path.client_ns, [str(rr), "client", path.dst[version], str(RR_PORT), f"{seconds:g}"])
+def rr_cpus(mode: str) -> tuple[list[str], list[str]]:
+    """taskset prefixes for the rr client and server. "same": both on the last CPU, so a transaction
+    runs start to end on one CPU and measures the path's CPU cost; "cross": client and server on
+    different CPUs (adds the vCPU wake-up latency, which dominates and swings on a VM); "none"."""
+    last = (os.cpu_count() or 1) - 1
+    if mode == "same":
+        return ["taskset", "-c", str(last)], ["taskset", "-c", str(last)]
+    if mode == "cross" and last > 0:
+        return ["taskset", "-c", "0"], ["taskset", "-c", str(last)]
+    return [], []
+
+
+def rr_once(rr: Path, path: TrafficPath, version: int, seconds: float, pin: list[str]) -> dict[str, Any]:
+    argv = pin + in_netns(path.client_ns, [str(rr), "client", path.dst[version], str(RR_PORT), f"{seconds:g}"])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False,
                           env=bench_env())
     if proc.returncode != 0:
@@ -135,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 5)")
     ap.add_argument("--ipv6", action="store_true", help="measure IPv6 as well")
+    ap.add_argument("--rr-cpu", choices=("same", "cross", "none"), default="same",
+                    help="pin the rr client and server to the same CPU (default), different CPUs, or not at all")
     ap.add_argument("--json", help="also write the figures to this file")
     opts = ap.parse_args(argv)
+    client_pin, server_pin = rr_cpus(opts.rr_cpu)
     rounds = opts.rounds or (3 if opts.quick else 7)
     seconds = opts.seconds or (2.0 if opts.quick else 5.0)
     versions = (4, 6) if opts.ipv6 else (4,)
@@ -165,18 +183,19 @@ def main(argv: list[str] | None = None) -> int:
                 iperf = procs.start(in_netns(p.server_ns, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
                                     log=tmp / f"iperf3-{p.name}.log")
                 wait_listening(p.server_ns, IPERF_PORT, iperf)
-                procs.start(in_netns(p.server_ns, [str(rr), "server", str(RR_PORT)]), ready_line="ready")
+                procs.start(server_pin + in_netns(p.server_ns, [str(rr), "server", str(RR_PORT)]), ready_line="ready")
             status = lab.client(node).call("status")
             before = {k: int(v["packets"]) for k, v in status.get("counters", {}).items()}
 
-            say(f"{rounds} rounds, {seconds:g} s per measurement, IPv{'+IPv'.join(map(str, versions))}")
+            say(f"{rounds} rounds, {seconds:g} s per measurement, IPv{'+IPv'.join(map(str, versions))}; "
+                f"iperf3 unpinned, rr client/server CPUs: {opts.rr_cpu} {' '.join(client_pin[2:] + server_pin[2:])}")
             for r in range(rounds):
                 order = (weft, plain) if r % 2 == 0 else (plain, weft)
                 for v in versions:
                     for p in order:
                         p.tcp_gbps[v].append(iperf_gbps(p, v, seconds))
                     for p in order:
-                        out = rr_once(rr, p, v, seconds)
+                        out = rr_once(rr, p, v, seconds, client_pin)
                         p.rr_rate[v].append(float(out["rate"]))
                         p.rr_p50[v].append(float(out["p50_us"]))
                     say(f"  round {r + 1}/{rounds} IPv{v}: TCP weft {weft.tcp_gbps[v][-1]:.2f} / plain "
