@@ -30,23 +30,22 @@ def unique_lab_name(tag: str) -> str:
     return f"wt{tag}{secrets.token_hex(2)}"
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
-    """A one-node dual-stack lab shared by the session's tests."""
-    lab = Lab(unique_lab_name("s"))
+def one_node_lab(tag: str) -> Iterator[Lab]:
+    lab = Lab(unique_lab_name(tag))
     try:
         lab.up(nodes=1, ip_family="dual")
         yield lab
     finally:
         lab.down(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """A one-node dual-stack lab shared by the session's tests."""
+    yield from one_node_lab("s")
 
 
 @pytest.fixture
 def fresh_lab() -> Iterator[Lab]:
     """A lab of its own, for tests that kill agents or otherwise disturb a node."""
-    lab = Lab(unique_lab_name("f"))
-    try:
-        lab.up(nodes=1, ip_family="dual")
-        yield lab
-    finally:
-        lab.down(quiet=True)
+    yield from one_node_lab("f")
