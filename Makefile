@@ -42,6 +42,8 @@ build/bpf/%.o: bpf/%.c $(BPF_HDR)
 	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -Ibpf/include -Ibpf -c $< -o $@
 
 bpf: $(BPF_OBJ)
+	@# The CNI plugin runs under Debian's interpreter at every pod operation: give it bytecode.
+	@$(SYSPY) -m compileall -q src/weft/__init__.py src/weft/cni
 
 demo: install
 	$(VENV)/bin/weft demo

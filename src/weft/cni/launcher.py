@@ -61,3 +61,14 @@ def write_launcher(path: pathlib.Path, src_dir: pathlib.Path | None = None) -> N
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _compile(src)
+
+
+def _compile(src: pathlib.Path) -> None:
+    """Write the plugin's bytecode next to its sources, so no exec recompiles them (the
+    environment may set PYTHONDONTWRITEBYTECODE, which stops the interpreter from caching)."""
+    import py_compile
+
+    for module in [src / "weft" / "__init__.py", *sorted((src / "weft" / "cni").glob("*.py"))]:
+        with contextlib.suppress(OSError, py_compile.PyCompileError):
+            py_compile.compile(str(module), doraise=True)

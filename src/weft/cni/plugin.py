@@ -106,9 +106,10 @@ be reached, or does not answer, the DEL is queued and reported as a success:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from weft.cni import fastjson as json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -298,7 +299,7 @@ def _parse_json(raw: bytes) -> Any:
         ) from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
         raise CNIError(
             ERR_DECODE,
             "failed to decode the network configuration",
@@ -414,7 +415,8 @@ class AgentConnection:
     """One connection to the agent's JSON-lines socket. It may carry several requests in turn."""
 
     def __init__(self, path: str, connect_timeout: float, request_timeout: float) -> None:
-        import socket
+        # _socket, not socket: the wrapper module costs milliseconds of imports at every exec.
+        import _socket as socket
 
         self.path = path
         self.request_timeout = request_timeout
@@ -469,7 +471,7 @@ class AgentConnection:
         raw, _, self._buf = self._buf.partition(b"\n")
         try:
             answer = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise AgentProtocolError(f"answer to {method} is not JSON: {exc}") from None
         if not isinstance(answer, dict):
             raise AgentProtocolError(f"answer to {method} is not an object")
