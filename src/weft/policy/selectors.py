@@ -1,0 +1,319 @@
+"""Selectors over identities, and the cache of which identities each selector selects.
+
+An identity is a numeric id with a label set (``weft.types.labels``). Selectors:
+
+* :class:`LabelSelector` — Kubernetes label-selector semantics over Cilium labels. Each
+  requirement's key carries a label source: ``k8s:app`` matches only labels of source ``k8s``,
+  ``any:app`` a label ``app`` of any source, ``reserved:host`` the reserved label. (A policy key
+  written without a source means ``any:``.)
+* :class:`EntitySelector` — Cilium's entities (``world``, ``cluster``, ``host``...).
+* :class:`CIDRSelector` — CIDR identities inside a prefix and outside its ``except`` prefixes.
+* :data:`WILDCARD` — every peer, including ones weft has no identity for; it becomes identity 0
+  ("any") in the map state rather than a list of identities.
+
+Namespace labels. Namespace selectors (NetworkPolicy ``namespaceSelector``) are label
+selectors on the pod's identity: the agent must put each namespace label on the identities of the
+pods in it as ``k8s:io.cilium.k8s.namespace.labels.<key>=<value>`` (``pod_labels`` in
+``weft.types.labels`` does this, and adds ``kubernetes.io/metadata.name``), exactly as Cilium does.
+
+CIDR identities carry ``cidr:<prefix>`` and ``reserved:world``, so ``world`` selects them too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from weft.identity.allocator import CLUSTER_MAX, CLUSTER_MIN, RESERVED
+from weft.types.labels import NAMESPACE_LABEL, Label, LabelSet
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+POD_NAMESPACE_KEY = f"k8s:{NAMESPACE_LABEL}"
+ANY_NAMESPACE_KEY = f"any:{NAMESPACE_LABEL}"
+NAMESPACE_LABELS_KEY_PREFIX = "io.cilium.k8s.namespace.labels."
+
+
+class IdentityLabels:
+    """An identity's labels indexed by key, so a requirement is a dict lookup."""
+
+    __slots__ = ("by_key", "cidr", "ident", "labels")
+
+    def __init__(self, ident: int, labels: LabelSet) -> None:
+        self.ident = ident
+        self.labels = labels
+        self.by_key: dict[str, list[tuple[str, str]]] = {}
+        self.cidr: IPNetwork | None = None
+        for label in labels:
+            self.by_key.setdefault(label.key, []).append((label.source, label.value))
+            if label.source == "cidr":
+                self.cidr = ipaddress.ip_network(label.key)
+
+
+@dataclass(frozen=True, order=True)
+class Requirement:
+    """``key`` is ``source:name``; ``values`` matter for In and NotIn only."""
+
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist
+    values: frozenset[str] = frozenset()
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        source, _, name = self.key.partition(":")
+        entries = ident.by_key.get(name, ())
+        found = [v for s, v in entries if source == "any" or s == source]
+        if self.operator == "Exists":
+            return bool(found)
+        if self.operator == "DoesNotExist":
+            return not found
+        hit = any(v in self.values for v in found)
+        return hit if self.operator == "In" else not hit
+
+    def __str__(self) -> str:
+        if self.operator == "In" and len(self.values) == 1:
+            return f"{self.key}={next(iter(self.values))}"
+        if self.operator in ("Exists", "DoesNotExist"):
+            return f"{self.key} {self.operator}"
+        return f"{self.key} {self.operator} ({','.join(sorted(self.values))})"
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """All requirements must hold (an empty selector selects every identity)."""
+
+    requirements: frozenset[Requirement] = frozenset()
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        return all(r.matches(ident) for r in self.requirements)
+
+    def has_key(self, key: str) -> bool:
+        return any(r.key == key for r in self.requirements)
+
+    def has_key_prefix(self, prefix: str) -> bool:
+        return any(r.key.startswith(prefix) for r in self.requirements)
+
+    def with_requirement(self, req: Requirement) -> LabelSelector:
+        return LabelSelector(self.requirements | {req})
+
+    def without_key(self, *keys: str) -> LabelSelector:
+        return LabelSelector(frozenset(r for r in self.requirements if r.key not in keys))
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(r) for r in sorted(self.requirements)) + "}"
+
+
+_CLUSTER_RESERVED = ("host", "remote-node", "init", "ingress", "health", "unmanaged", "kube-apiserver")
+
+
+@dataclass(frozen=True)
+class EntitySelector:
+    """A Cilium entity. ``cluster`` is the reserved cluster identities (host, remote-node, init,
+    ingress, health, unmanaged, kube-apiserver) plus every pod identity (256-65535); ``world``
+    is identity 2 plus every CIDR identity; ``world-ipv4``/``world-ipv6`` narrow the CIDR part to
+    one family (weft has a single world identity, which both keep)."""
+
+    entity: str
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        name = self.entity
+        reserved = {k for k, entries in ident.by_key.items() if any(s == "reserved" for s, _ in entries)}
+        if name == "none":
+            return False
+        if name in ("world", "world-ipv4", "world-ipv6"):
+            if ident.cidr is not None:
+                return name == "world" or ident.cidr.version == (4 if name == "world-ipv4" else 6)
+            return "world" in reserved
+        if name == "cluster":
+            return bool(reserved & set(_CLUSTER_RESERVED)) or CLUSTER_MIN <= ident.ident <= CLUSTER_MAX
+        return name in reserved
+
+    def __str__(self) -> str:
+        return f"entity:{self.entity}"
+
+
+@dataclass(frozen=True)
+class CIDRSelector:
+    """CIDR identities whose prefix lies inside ``cidr`` and outside every ``excepts`` prefix.
+
+    Identity 2 (world) is never selected: the datapath's ipcache gives every prefix a policy
+    names its own identity (``0.0.0.0/0`` included), so world only stands for addresses of a
+    family no CIDR rule covers."""
+
+    cidr: str
+    excepts: tuple[str, ...] = ()
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        if ident.cidr is None:
+            return False
+        outer = ipaddress.ip_network(self.cidr)
+        if ident.cidr.version != outer.version or not ident.cidr.subnet_of(outer):  # type: ignore[arg-type]
+            return False
+        for text in self.excepts:
+            ex = ipaddress.ip_network(text)
+            if ident.cidr.subnet_of(ex):  # type: ignore[arg-type]
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return f"cidr:{self.cidr}" + (f" except {','.join(self.excepts)}" if self.excepts else "")
+
+
+@dataclass(frozen=True)
+class FQDNSelector:
+    """``toFQDNs``: selects nothing until FQDN-learned identities exist (a later issue)."""
+
+    match_name: str | None = None
+    match_pattern: str | None = None
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"fqdn:{self.match_name or self.match_pattern}"
+
+
+@dataclass(frozen=True)
+class WildcardSelector:
+    """Every peer. Resolves to identity 0 in the map state, never to a list."""
+
+    def matches(self, ident: IdentityLabels) -> bool:
+        return True
+
+    def __str__(self) -> str:
+        return "*"
+
+
+WILDCARD = WildcardSelector()
+
+Selector = LabelSelector | EntitySelector | CIDRSelector | FQDNSelector | WildcardSelector
+
+
+def reserved_identities() -> dict[int, LabelSet]:
+    """The reserved identities (1-8) with their ``reserved:<name>`` label."""
+    return {ident: frozenset({Label("reserved", name, "")}) for name, ident in RESERVED.items() if ident}
+
+
+def cidr_labels(prefix: str) -> LabelSet:
+    return frozenset({Label("cidr", prefix, ""), Label("reserved", "world", "")})
+
+
+@dataclass(frozen=True)
+class SelectionChange:
+    """What one identity update did to one selector's selection."""
+
+    selector: Selector
+    added: frozenset[int]
+    removed: frozenset[int]
+
+
+@dataclass
+class SelectorCache:
+    """Each registered selector -> the identities it selects, kept current incrementally.
+
+    Selectors are registered with reference counts (several rules share a selector). Adding an
+    identity evaluates every selector against it once; adding a selector evaluates it against
+    every identity once; lookups are then dict reads. ``version`` changes whenever any
+    selection changes, and subscribers get the changes as they happen.
+    """
+
+    _identities: dict[int, IdentityLabels] = field(default_factory=dict)
+    _selections: dict[Selector, set[int]] = field(default_factory=dict)
+    _refs: dict[Selector, int] = field(default_factory=dict)
+    _selected_by: dict[int, set[Selector]] = field(default_factory=dict)
+    _subscribers: list[Callable[[list[SelectionChange]], None]] = field(default_factory=list)
+    version: int = 0
+
+    # -- selectors
+    def add_selector(self, selector: Selector) -> frozenset[int]:
+        if selector in self._refs:
+            self._refs[selector] += 1
+            return frozenset(self._selections[selector])
+        self._refs[selector] = 1
+        chosen = {i for i, lbl in self._identities.items() if selector.matches(lbl)}
+        self._selections[selector] = chosen
+        for i in chosen:
+            self._selected_by.setdefault(i, set()).add(selector)
+        return frozenset(chosen)
+
+    def remove_selector(self, selector: Selector) -> None:
+        count = self._refs.get(selector, 0) - 1
+        if count > 0:
+            self._refs[selector] = count
+            return
+        self._refs.pop(selector, None)
+        for i in self._selections.pop(selector, set()):
+            users = self._selected_by.get(i)
+            if users is not None:
+                users.discard(selector)
+
+    def selections(self, selector: Selector) -> frozenset[int]:
+        """The identities ``selector`` selects (computed on the spot if it is not registered)."""
+        got = self._selections.get(selector)
+        if got is not None:
+            return frozenset(got)
+        return frozenset(i for i, lbl in self._identities.items() if selector.matches(lbl))
+
+    def selectors_of(self, ident: int) -> frozenset[Selector]:
+        """Every registered selector that selects ``ident``."""
+        return frozenset(self._selected_by.get(ident, ()))
+
+    def selectors(self) -> list[Selector]:
+        return list(self._refs)
+
+    def identities(self) -> dict[int, LabelSet]:
+        return {i: lbl.labels for i, lbl in self._identities.items()}
+
+    def labels_of(self, ident: int) -> LabelSet | None:
+        got = self._identities.get(ident)
+        return got.labels if got is not None else None
+
+    # -- identities
+    def subscribe(self, callback: Callable[[list[SelectionChange]], None]) -> None:
+        self._subscribers.append(callback)
+
+    def update_identities(
+        self, upsert: Mapping[int, LabelSet] | None = None, remove: Iterable[int] = ()
+    ) -> list[SelectionChange]:
+        """Add or relabel ``upsert`` and drop ``remove``; returns (and publishes) what changed."""
+        added: dict[Selector, set[int]] = {}
+        removed: dict[Selector, set[int]] = {}
+        for ident in remove:
+            if self._identities.pop(ident, None) is None:
+                continue
+            for sel in self._selected_by.pop(ident, set()):
+                self._selections[sel].discard(ident)
+                removed.setdefault(sel, set()).add(ident)
+        for ident, labels in (upsert or {}).items():
+            old = self._identities.get(ident)
+            if old is not None and old.labels == labels:
+                continue
+            entry = IdentityLabels(ident, labels)
+            self._identities[ident] = entry
+            before = self._selected_by.get(ident, set())
+            after = {sel for sel in self._refs if sel.matches(entry)}
+            for sel in after - before:
+                self._selections[sel].add(ident)
+                added.setdefault(sel, set()).add(ident)
+            for sel in before - after:
+                self._selections[sel].discard(ident)
+                removed.setdefault(sel, set()).add(ident)
+            self._selected_by[ident] = after
+        changes = [
+            SelectionChange(sel, frozenset(added.get(sel, ())), frozenset(removed.get(sel, ())))
+            for sel in {**added, **removed}
+        ]
+        if changes:
+            self.version += 1
+            for cb in self._subscribers:
+                cb(changes)
+        return changes
+
+    def sync_identities(self, identities: Mapping[int, LabelSet]) -> list[SelectionChange]:
+        """Make the known identities exactly ``identities`` (diffing against the current ones)."""
+        current = {i: lbl.labels for i, lbl in self._identities.items()}
+        if current == identities:
+            return []
+        upsert = {i: lbls for i, lbls in identities.items() if current.get(i) != lbls}
+        remove = [i for i in current if i not in identities]
+        return self.update_identities(upsert, remove)
