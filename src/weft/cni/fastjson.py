@@ -13,9 +13,10 @@ Standard library only.
 from __future__ import annotations
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typing costs milliseconds to import: for the type checker only
     from typing import Any
 
+_json: Any
 try:
     import _json
 except ImportError:  # another Python without the accelerator: the slow, sure way

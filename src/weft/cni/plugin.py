@@ -303,7 +303,7 @@ def _parse_json(raw: bytes) -> Any:
         raise CNIError(
             ERR_DECODE,
             "failed to decode the network configuration",
-            f"invalid JSON: {exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})",
+            f"invalid JSON: {exc}",  # "<what>: line L column C (char N)", as json words it
         ) from None
     except RecursionError:
         raise CNIError(
