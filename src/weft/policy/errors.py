@@ -26,7 +26,8 @@ def format_path(loc: Loc) -> str:
 
 @dataclass(frozen=True, order=True)
 class Problem:
-    """One problem, printable as ``file:line[:col] [(document N)] path: message``.
+    """One problem, printed ``file:line path: message`` or, without a path, ``file:line:col: message``
+    (with `` (document N)`` after the position in multi-document files).
 
     ``line`` and ``column`` are 1-based (0 = unknown); ``document`` is the 0-based index of the
     YAML document in a multi-document file (shown 1-based, and only when the file has several).
@@ -44,7 +45,9 @@ class Problem:
         where = self.file
         if self.line:
             where += f":{self.line}"
-            if self.column:
+            # Character-level problems (typography, YAML syntax) carry a column; field problems
+            # read better as `file:line path: message`, the column stays in the object.
+            if self.column and not self.path:
                 where += f":{self.column}"
         if self.multi_document:
             where += f" (document {self.document + 1})"

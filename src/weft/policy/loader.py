@@ -99,13 +99,14 @@ class _Positions:
                 self.walk(item, (*loc, i))
 
     def line_of(self, loc: Loc, *, key: bool = False) -> tuple[int, int]:
-        """The position of ``loc``, or of its nearest ancestor present in the file (a missing
-        required field is reported where its parent mapping starts)."""
-        if key and loc in self.keys:
-            return self.keys[loc]
+        """The position of ``loc``, or of its nearest ancestor present in the file. With ``key``,
+        the position of the key (an unknown field, or the parent of a missing one) rather than
+        of the value, which for a mapping starts on the next line."""
         probe = loc
         while probe:
-            if probe in self.values:
+            if key and probe in self.keys:
+                return self.keys[probe]
+            if not key and probe in self.values:
                 return self.values[probe]
             probe = probe[:-1]
         return self.values.get((), (0, 0))
@@ -270,13 +271,13 @@ def _report(err: Any, prefix: Loc, ctx: _Context) -> None:
     """Turn one pydantic error into a Problem with a message a person can act on."""
     loc: Loc = prefix + tuple(p for p in err["loc"] if p != "[key]")
     etype, msg, value = err["type"], err["msg"], err.get("input")
-    at_key = etype == "extra_forbidden" or "[key]" in err["loc"]
+    at_key = etype in ("extra_forbidden", "missing") or "[key]" in err["loc"]
     if etype == "extra_forbidden":
         name = str(loc[-1])
         close = difflib.get_close_matches(name, _FIELD_NAMES, n=1, cutoff=0.75)
         msg = f'unknown field "{name}"' + (f'; did you mean "{close[0]}"?' if close else "")
     elif etype == "missing":
-        msg = f'required field "{loc[-1]}" is missing'
+        msg = "required field is missing"
     elif etype in ("string_type", "int_type", "bool_type", "list_type", "dict_type", "model_type"):
         want = {
             "string_type": "a string",
@@ -369,7 +370,11 @@ def _check_cilium(
         ctx.add(prefix, "a Cilium policy needs spec or specs")
     for rloc, rule in rules:
         if rule.endpointSelector is None:
-            ctx.add(rloc, 'required field "endpointSelector" is missing (nodeSelector host policies are not supported)')
+            ctx.add(
+                (*rloc, "endpointSelector"),
+                "required field is missing (host policies with nodeSelector are not supported)",
+                at_key=True,
+            )
         _check_selector(rule.endpointSelector, (*rloc, "endpointSelector"), ctx)
         sections: list[tuple[str, list[Any] | None, bool]] = [
             ("ingress", rule.ingress, True),
