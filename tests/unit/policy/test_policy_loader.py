@@ -366,7 +366,8 @@ def cnp(body: str) -> str:
             id="no-name",
         ),
         pytest.param(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad_Name}\nspec:\n  endpointSelector: {}\n",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad_Name}\n"
+            "spec:\n  endpointSelector: {}\n",
             "metadata.name: 'Bad_Name' is not a valid name",
             id="bad-name",
         ),
