@@ -141,4 +141,5 @@ def test_del_while_agent_down_is_queued_and_applied(fresh_lab: Lab) -> None:
     lab.start_agent(state, node.name)
     st = lab.client(node).call("status")
     assert st["endpoints"] == 0 and all(v["used"] == 0 for v in st["ipam"].values())
+    assert lab.client(node).call("sync")["drained"]
     assert in_netns(pod.netns, "ip", "link", "show", "eth0", check=False).returncode != 0

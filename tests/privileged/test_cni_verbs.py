@@ -70,6 +70,8 @@ def netns() -> Iterator[str]:
 def snapshot(lab: Lab) -> tuple[set[str], set[str], dict[str, Any]]:
     """What the node holds: host links, endpoint map addresses, IPAM usage."""
     node = lab.load().nodes[0]
+    # DEL leaves the slow unregistering of the veth to a background thread: wait for it.
+    assert lab.client(node).call("sync")["drained"]
     status = lab.client(node).call("status")
     host_links = {n for n in links(node.netns) if n.startswith("lxc")}
     eps = {e["containerID"] for e in lab.client(node).call("endpoint.list")}
@@ -154,6 +156,7 @@ def test_gc_releases_attachments_not_listed(lab: Lab, plugin: Plugin) -> None:
         assert gc.rc == 0, gc.raw
         left = {e["containerID"] for e in lab.client(node).call("endpoint.list")}
         assert made[0][1] in left and made[1][1] not in left
+        assert lab.client(node).call("sync")["drained"]
         assert in_netns(made[1][0], "ip", "link", "show", "eth0", check=False).returncode != 0
     finally:
         for name, cid in made:

@@ -52,6 +52,7 @@ class EndpointManager:
         # ep_id -> enforcement flags policy decided (abi.EP_F_*); kept on every rewrite of an
         # endpoint's entries so an identity change never drops its enforcement.
         self.policy_flags: dict[int, int] = {}
+        self.reaper = veth.LinkReaper()
 
     def _save(self) -> None:
         self.store.save(self.state)
@@ -108,6 +109,7 @@ class EndpointManager:
         return self._result(record)
 
     def _wire(self, record: EndpointRecord) -> None:
+        self.reaper.wait(record.host_ifname)
         pod_addrs = [veth.PodAddress(ip, gateway_of(self.blocks[ip.version])) for ip in record.ips()]
         link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
                                     mtu=self.config.mtu)
@@ -146,10 +148,9 @@ class EndpointManager:
             # The address is still this endpoint's (IPAM releases it below), so is its entry.
             with contextlib.suppress(Exception):
                 self.datapath.delete_endpoint(ip)
-        try:
-            veth.delete_host_link(record.host_ifname)
-        except Exception as exc:  # the link may vanish with its netns at any moment
-            log.warning("deleting %s: %s", record.host_ifname, exc)
+        # The map entries are gone, so the pod is cut off; the kernel's slow unregistering of
+        # the veth happens in the background.
+        self.reaper.delete(record.host_ifname)
         for allocator in self.state.ipam.values():
             allocator.release_owner(record.key)
         if record.identity:
@@ -277,6 +278,7 @@ class EndpointManager:
             "ipam": {f"ipv{v}": {"block": str(a.block), "used": a.used, "capacity": a.capacity}
                      for v, a in sorted(self.state.ipam.items())},
             "last_reconcile": self.last_reconcile,
+            "pending_link_deletions": self.reaper.pending(),
             "pin_dir": str(self.config.pin_dir),
         }
 
@@ -361,6 +363,7 @@ class EndpointManager:
             "endpoint.list": self.endpoint_list, "status": self.status,
             "ping": lambda p: {"node": self.config.node_name},
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
+            "sync": lambda p: {"drained": self.reaper.drain(float(p.get("timeout", 30)))},
         }
 
     def _result(self, record: EndpointRecord) -> dict[str, Any]:

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from weft.datapath import abi, libbpf
 from weft.datapath.maps import BpfHashMap, PerCpuArray
+from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container")
@@ -209,47 +209,47 @@ class NodeDatapath:
         from_container at ingress and to_container at egress with a fixed prio/handle, using
         replace so a re-attach after a restart swaps programs atomically without a gap."""
         self._need()
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise FileNotFoundError(f"interface {ifname} not found")
-            index = found[0]
-            try:
-                ipr.tc("add", "clsact", index)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
-            for parent, prog in ((TC_INGRESS, "from_container"), (TC_EGRESS, "to_container")):
-                ipr.tc("replace-filter", "bpf", index, handle=TC_HANDLE, fd=self._prog_fds[prog], name=prog,
-                       parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
+        ipr = node_ipr()
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise FileNotFoundError(f"interface {ifname} not found")
+        index = found[0]
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        for parent, prog in ((TC_INGRESS, "from_container"), (TC_EGRESS, "to_container")):
+            ipr.tc("replace-filter", "bpf", index, handle=TC_HANDLE, fd=self._prog_fds[prog], name=prog,
+                   parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
 
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link
         or the qdisc is gone."""
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del", "clsact", found[0])
+        ipr = node_ipr()
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        with contextlib.suppress(NetlinkError):
+            ipr.tc("del", "clsact", found[0])
 
     def attached_program_ids(self, ifname: str) -> dict[str, int]:
         """``{'ingress': prog_id, 'egress': prog_id}`` of the bpf filters found on the link (in
         the caller's netns); a direction without one is absent, so is everything if the link is."""
         out: dict[str, int] = {}
-        with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                return out
-            for direction, parent in (("ingress", TC_INGRESS), ("egress", TC_EGRESS)):
-                try:
-                    filters = ipr.get_filters(index=found[0], parent=parent)
-                except NetlinkError:
-                    continue  # no clsact qdisc
-                for msg in filters:
-                    prog_id = _tc_bpf_prog_id(msg)
-                    if prog_id:
-                        out[direction] = prog_id
+        ipr = node_ipr()
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return out
+        for direction, parent in (("ingress", TC_INGRESS), ("egress", TC_EGRESS)):
+            try:
+                filters = ipr.get_filters(index=found[0], parent=parent)
+            except NetlinkError:
+                continue  # no clsact qdisc
+            for msg in filters:
+                prog_id = _tc_bpf_prog_id(msg)
+                if prog_id:
+                    out[direction] = prog_id
         return out
 
     def program_fd(self, name: str) -> int:

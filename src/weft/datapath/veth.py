@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,8 +24,10 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
+from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress
 
+log = logging.getLogger("weft.datapath.veth")
 HOST_IF_PREFIX = "lxc"
 T = TypeVar("T")
 
@@ -95,29 +100,29 @@ def create_pod_link(
         ns_fd = os.open(netns_path, os.O_RDONLY)
     except OSError as exc:
         raise LinkError(f"cannot open network namespace {netns_path}: {exc.strerror}") from exc
-    with IPRoute() as ipr:
-        try:
-            ipr.link(
-                "add", ifname=host_ifname, kind="veth", mtu=mtu,
-                peer={"ifname": pod_ifname, "net_ns_fd": ns_fd, "mtu": mtu},
-            )
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                raise LinkError(
-                    f"interface {pod_ifname} already exists in {netns_path} or {host_ifname} on the node"
-                ) from exc
-            raise LinkError(f"creating veth {host_ifname}/{pod_ifname}: {exc}") from exc
-        finally:
-            os.close(ns_fd)
-        try:
-            index = ipr.link_lookup(ifname=host_ifname)[0]
-            ipr.link("set", index=index, state="up")
-            host_mac = _mac_of(ipr, index)
-            pod_mac = run_in_netns(netns_path, lambda: _configure_pod_side(pod_ifname, addresses))
-            return PodLink(host_ifname, index, host_mac, pod_ifname, pod_mac)
-        except BaseException:
-            delete_host_link(host_ifname)
-            raise
+    ipr = node_ipr()
+    try:
+        ipr.link(
+            "add", ifname=host_ifname, kind="veth", mtu=mtu,
+            peer={"ifname": pod_ifname, "net_ns_fd": ns_fd, "mtu": mtu},
+        )
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise LinkError(
+                f"interface {pod_ifname} already exists in {netns_path} or {host_ifname} on the node"
+            ) from exc
+        raise LinkError(f"creating veth {host_ifname}/{pod_ifname}: {exc}") from exc
+    finally:
+        os.close(ns_fd)
+    try:
+        index = ipr.link_lookup(ifname=host_ifname)[0]
+        ipr.link("set", index=index, state="up")
+        host_mac = _mac_of(ipr, index)
+        pod_mac = run_in_netns(netns_path, lambda: _configure_pod_side(pod_ifname, addresses))
+        return PodLink(host_ifname, index, host_mac, pod_ifname, pod_mac)
+    except BaseException:
+        delete_host_link(host_ifname)
+        raise
 
 
 def _write_sysctl(path: str, value: str) -> None:
@@ -154,47 +159,47 @@ def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> str:
 
 def delete_host_link(host_ifname: str) -> bool:
     """Delete the host side (the kernel removes the peer with it). False if it was already gone."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=host_ifname)
-        if not found:
+    ipr = node_ipr()
+    found = ipr.link_lookup(ifname=host_ifname)
+    if not found:
+        return False
+    try:
+        ipr.link("del", index=found[0])
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
             return False
-        try:
-            ipr.link("del", index=found[0])
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return False
-            raise
-        return True
+        raise
+    return True
 
 
 def host_link_index(host_ifname: str) -> int | None:
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=host_ifname)
-        return found[0] if found else None
+    ipr = node_ipr()
+    found = ipr.link_lookup(ifname=host_ifname)
+    return found[0] if found else None
 
 
 def list_host_links() -> dict[str, int]:
     """Every ``lxc*`` link in the node's netns: name -> ifindex."""
     out: dict[str, int] = {}
-    with IPRoute() as ipr:
-        for link in ipr.get_links():
-            name = str(link.get_attr("IFLA_IFNAME"))
-            if name.startswith(HOST_IF_PREFIX):
-                out[name] = int(link["index"])
+    ipr = node_ipr()
+    for link in ipr.get_links():
+        name = str(link.get_attr("IFLA_IFNAME"))
+        if name.startswith(HOST_IF_PREFIX):
+            out[name] = int(link["index"])
     return out
 
 
 def add_node_routes(host_ifname: str, addresses: list[IPAddress]) -> None:
     """Routes in the node's netns to the pod through its veth, so the node itself reaches pods."""
-    with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname=host_ifname)[0]
-        for ip in addresses:
-            try:
-                ipr.route("replace", dst=f"{ip}/{ip.max_prefixlen}", oif=index, scope=253)
-            except NetlinkError as exc:
-                # IPv6 is disabled on the host veth; such routes need no link-local there.
-                if exc.code not in (errno.EACCES, errno.EPERM, errno.ENETUNREACH, errno.EINVAL):
-                    raise
+    ipr = node_ipr()
+    index = ipr.link_lookup(ifname=host_ifname)[0]
+    for ip in addresses:
+        try:
+            ipr.route("replace", dst=f"{ip}/{ip.max_prefixlen}", oif=index, scope=253)
+        except NetlinkError as exc:
+            # IPv6 is disabled on the host veth; such routes need no link-local there.
+            if exc.code not in (errno.EACCES, errno.EPERM, errno.ENETUNREACH, errno.EINVAL):
+                raise
 
 
 @dataclass(frozen=True)
@@ -235,3 +240,56 @@ def delete_pod_link(netns_path: str, pod_ifname: str) -> None:
                 ipr.link("del", index=found[0])
 
     run_in_netns(netns_path, remove)
+
+
+class LinkReaper:
+    """Deletes host-side links in the background.
+
+    Unregistering a veth takes the kernel about 20 ms (it waits for RCU grace periods); a CNI
+    DEL has already removed the endpoint's map entries, so nothing reaches the pod any more and
+    the runtime need not wait for the link to vanish. A later ADD that would create a link of
+    the same name first waits for its pending deletion (:meth:`wait`). Links still pending when
+    the agent dies are found by the next reconcile (links without an endpoint are removed).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._pending: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="link-reaper", daemon=True)
+        self._thread.start()
+
+    def delete(self, host_ifname: str) -> None:
+        with self._lock:
+            self._pending.setdefault(host_ifname, threading.Event())
+        self._queue.put(host_ifname)
+
+    def wait(self, host_ifname: str, timeout: float = 30.0) -> None:
+        with self._lock:
+            event = self._pending.get(host_ifname)
+        if event is not None and not event.wait(timeout):
+            raise LinkError(f"{host_ifname} is still being deleted after {timeout:g}s")
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued deletion is done; False if the deadline passed first."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            events = list(self._pending.values())
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in events)
+
+    def _run(self) -> None:
+        while True:
+            name = self._queue.get()
+            try:
+                delete_host_link(name)
+            except Exception as exc:  # the link may vanish with its netns at any moment
+                log.warning("deleting %s: %s", name, exc)
+            finally:
+                with self._lock:
+                    event = self._pending.pop(name, None)
+                if event is not None:
+                    event.set()
