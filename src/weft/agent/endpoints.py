@@ -114,9 +114,13 @@ class EndpointManager:
         link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
                                     mtu=self.config.mtu)
         record.host_mac, record.pod_mac, record.host_ifindex = link.host_mac, link.pod_mac, link.host_ifindex
-        self.datapath.attach(record.host_ifname)
-        veth.add_node_routes(record.host_ifname, record.ips())
-        self._write_map_entries(record)
+        try:
+            # The host side while the pod side is configured in parallel.
+            self.datapath.attach(record.host_ifname)
+            veth.add_node_routes(record.host_ifname, record.ips())
+            self._write_map_entries(record)
+        finally:
+            link.wait()
 
     def _write_map_entries(self, record: EndpointRecord) -> None:
         for ip in record.ips():

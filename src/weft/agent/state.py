@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from weft.identity.allocator import IdentityAllocator
 from weft.ipam.pool import BlockAllocator
 from weft.types.addresses import IPAddress, IPNetwork
 
+log = logging.getLogger("weft.agent.state")
 STATE_VERSION = 1
 EP_CREATING = "creating"
 EP_READY = "ready"
@@ -114,19 +117,25 @@ class StateStore:
     def load(self, blocks: dict[int, IPNetwork]) -> AgentState:
         if not self.path.exists():
             return AgentState.from_json({"version": STATE_VERSION}, blocks)
-        return AgentState.from_json(json.loads(self.path.read_text()), blocks)
+        try:
+            return AgentState.from_json(json.loads(self.path.read_text()), blocks)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Only a crash of the whole machine can leave this (see save); after one, no pod of
+            # the old state survives anyway. Keep the file for inspection and start empty: the
+            # reconciler removes whatever the kernel still holds.
+            kept = self.path.with_name(f"state.json.corrupt-{int(time.time())}")
+            os.replace(self.path, kept)
+            log.error("state %s unreadable (%s); kept as %s, starting empty", self.path, exc, kept)
+            return AgentState.from_json({"version": STATE_VERSION}, blocks)
 
     def save(self, state: AgentState) -> None:
+        """Replace the state atomically: a reader (or an agent restarted after a crash) sees the
+        old document or the new one, never a mix. No fsync: it protects against a crash of the
+        machine, after which no pod, veth or pinned map of the old state exists either, and it
+        would cost more than the rest of a CNI ADD."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        data = json.dumps(state.to_json(), indent=1).encode()
+        data = json.dumps(state.to_json(), separators=(",", ":")).encode()
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -29,6 +29,7 @@ from weft.types.addresses import IPAddress
 
 log = logging.getLogger("weft.datapath.veth")
 HOST_IF_PREFIX = "lxc"
+RTNH_F_ONLINK = 4
 T = TypeVar("T")
 
 
@@ -42,13 +43,25 @@ class PodAddress:
     gateway: IPAddress
 
 
-@dataclass(frozen=True)
+@dataclass
 class PodLink:
+    """A veth pair just created. The pod side is configured in a thread of its own while the
+    caller wires the host side; :meth:`wait` joins it and raises what went wrong there."""
+
     host_ifname: str
     host_ifindex: int
     host_mac: str
     pod_ifname: str
     pod_mac: str
+    _pod_side: threading.Thread | None = None
+    _pod_error: list[BaseException] | None = None
+
+    def wait(self) -> None:
+        if self._pod_side is not None:
+            self._pod_side.join()
+            self._pod_side = None
+        if self._pod_error:
+            raise self._pod_error[0]
 
 
 def host_ifname_for(container_id: str, ifname: str) -> str:
@@ -80,9 +93,11 @@ def run_in_netns(netns_path: str, fn: Callable[[], T]) -> T:
     return box["result"]  # type: ignore[return-value]
 
 
-def _mac_of(ipr: IPRoute, index: int) -> str:
-    link = ipr.get_links(index)[0]
-    return str(link.get_attr("IFLA_ADDRESS"))
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (chosen here, so no query is needed)."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def create_pod_link(
@@ -92,10 +107,13 @@ def create_pod_link(
     addresses: list[PodAddress],
     mtu: int = 1500,
 ) -> PodLink:
-    """Create the veth pair with its peer directly in the pod's netns and configure the pod side:
-    addresses as /32 and /128 (IPv6 without DAD), a link-scope route to each gateway and a default
-    route through it. The datapath answers ARP/NDP for the gateways. Undoes itself on failure."""
+    """Create the veth pair with its peer directly in the pod's netns, and start configuring the
+    pod side (addresses as /32 and /128 without DAD, a default route per family through the
+    gateway, "onlink": the datapath answers the gateway's ARP/NDP) in a thread that has entered
+    the pod's netns. The caller wires the host side meanwhile, then calls ``wait()``. Undoes
+    itself if the pair cannot be made; after that, undoing is the caller's (delete the host side)."""
     host_ifname = host_ifname_for(container_id, pod_ifname)
+    host_mac, pod_mac = random_mac(), random_mac()
     try:
         ns_fd = os.open(netns_path, os.O_RDONLY)
     except OSError as exc:
@@ -103,8 +121,8 @@ def create_pod_link(
     ipr = node_ipr()
     try:
         ipr.link(
-            "add", ifname=host_ifname, kind="veth", mtu=mtu,
-            peer={"ifname": pod_ifname, "net_ns_fd": ns_fd, "mtu": mtu},
+            "add", ifname=host_ifname, kind="veth", mtu=mtu, address=host_mac,
+            peer={"ifname": pod_ifname, "net_ns_fd": ns_fd, "mtu": mtu, "address": pod_mac},
         )
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
@@ -117,12 +135,21 @@ def create_pod_link(
     try:
         index = ipr.link_lookup(ifname=host_ifname)[0]
         ipr.link("set", index=index, state="up")
-        host_mac = _mac_of(ipr, index)
-        pod_mac = run_in_netns(netns_path, lambda: _configure_pod_side(pod_ifname, addresses))
-        return PodLink(host_ifname, index, host_mac, pod_ifname, pod_mac)
     except BaseException:
         delete_host_link(host_ifname)
         raise
+    errors: list[BaseException] = []
+
+    def pod_side() -> None:
+        try:
+            setns(netns_path, flags=0)  # flags=0: never create a missing netns
+            _configure_pod_side(pod_ifname, addresses)
+        except BaseException as exc:  # handed to the caller by wait()
+            errors.append(exc)
+
+    thread = threading.Thread(target=pod_side, name=f"netns:{netns_path}")
+    thread.start()
+    return PodLink(host_ifname, index, host_mac, pod_ifname, pod_mac, thread, errors)
 
 
 def _write_sysctl(path: str, value: str) -> None:
@@ -133,7 +160,7 @@ def _write_sysctl(path: str, value: str) -> None:
         pass  # absent for this family: nothing to configure
 
 
-def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> str:
+def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> None:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=pod_ifname)
         if not found:
@@ -152,9 +179,10 @@ def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> str:
             ipr.addr("add", index=index, address=str(pa.address), prefixlen=pa.address.max_prefixlen,
                      **kwargs)
             family_default = "0.0.0.0/0" if pa.address.version == 4 else "::/0"
-            ipr.route("add", dst=f"{pa.gateway}/{pa.gateway.max_prefixlen}", oif=index, scope=253)
-            ipr.route("add", dst=family_default, gateway=str(pa.gateway), oif=index)
-        return _mac_of(ipr, index)
+            # One route per family: "onlink" says the gateway is on the link, so no separate
+            # host route to it is needed (the datapath answers its ARP/NDP).
+            ipr.route("add", dst=family_default, gateway=str(pa.gateway), oif=index, flags=RTNH_F_ONLINK)
+
 
 
 def delete_host_link(host_ifname: str) -> bool:
