@@ -214,17 +214,17 @@ class PolicyRepository:
         self.cache.update_identities(upsert, remove)
 
     def sync_identities(self, identities: Mapping[int, LabelSet]) -> None:
-        """Make the cluster identities exactly ``identities`` (reserved and CIDR ones stay)."""
+        """Make the cluster identities exactly ``identities``. Reserved and CIDR identities are
+        the repository's own and stay (an entry for a reserved id relabels it)."""
         if identities == self._external:
             return
         upsert = {i: lbl for i, lbl in identities.items() if self._external.get(i) != lbl}
         reserved = reserved_identities()
         remove = [i for i in self._external if i not in identities and i not in reserved]
+        # A reserved id the caller stops sending goes back to its reserved labels.
+        restore = {i: reserved[i] for i in self._external if i in reserved and i not in identities}
         self._external = dict(identities)
-        restore = {i: reserved[i] for i in reserved if i in remove or (i in upsert and i not in identities)}
-        self.cache.update_identities(upsert, remove)
-        if restore:
-            self.cache.update_identities(restore)
+        self.cache.update_identities({**upsert, **restore}, remove)
 
     # ------------------------------------------------------------------ resolution
     def selecting(self, subject: EndpointSubject) -> tuple[list[CompiledRule], list[Enforcement]]:

@@ -470,7 +470,7 @@ def resolve_rules(
             if peer is WILDCARD:
                 ids.add(0)
             else:
-                ids |= cache.selections(peer)
+                ids |= cache.selection_view(peer)
         for key in _keys_for(rule, ids, subject.named_ports, named_ports):
             builder.add(key, rule.deny, rule.origin)
     if allow_localhost and ingress_enforced:

@@ -22,7 +22,7 @@ CIDR identities carry ``cidr:<prefix>`` and ``reserved:world``, so ``world`` sel
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from weft.identity.allocator import CLUSTER_MAX, CLUSTER_MIN, RESERVED
@@ -253,6 +253,11 @@ class SelectorCache:
         if got is not None:
             return frozenset(got)
         return frozenset(i for i, lbl in self._identities.items() if selector.matches(lbl))
+
+    def selection_view(self, selector: Selector) -> Set[int]:
+        """Like :meth:`selections` without the copy (read only; it changes with the cache)."""
+        got = self._selections.get(selector)
+        return got if got is not None else self.selections(selector)
 
     def selectors_of(self, ident: int) -> frozenset[Selector]:
         """Every registered selector that selects ``ident``."""

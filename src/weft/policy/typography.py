@@ -155,7 +155,7 @@ def scan(text: str, *, json_input: bool = False) -> list[TypographyIssue]:
                 # is never what a policy means; the schema would reject it with a vaguer message.
                 # Free text (description) may use dashes as punctuation.
                 issues.append(TypographyIssue(lineno, col + 1, f'{_DASHES[ch]} inside a value; did you mean "-"?'))
-        normalized = normalize(line)
+        normalized = _ascii(line)
         glued = _QUOTED_KEY_NO_SPACE.match(normalized)
         if glued:
             colon = glued.end() - 1  # the ":" right after the key's closing quote
@@ -170,13 +170,16 @@ def _flattened_indentation(lines: list[str]) -> list[TypographyIssue]:
     the indentation was lost in the paste (a policy never has an empty parent key)."""
     issues: list[TypographyIssue] = []
     for i, raw in enumerate(lines[:-1]):
-        line = normalize(raw.rstrip("\r"))
+        line = _ascii(raw.rstrip("\r"))
         m = _PARENT_KEY.match(line)
         if not m or line.strip().startswith("---"):
             continue
-        nxt = next(
-            (normalize(x.rstrip("\r")) for x in lines[i + 1 :] if x.strip() and not x.strip().startswith("#")), None
-        )
+        nxt = None
+        for j in range(i + 1, len(lines)):
+            candidate = lines[j].strip()
+            if candidate and not candidate.startswith("#"):
+                nxt = _ascii(lines[j].rstrip("\r"))
+                break
         if nxt is None:
             continue
         indent = len(m.group(1)) + (2 if line.lstrip().startswith("- ") else 0)
@@ -191,6 +194,11 @@ def _flattened_indentation(lines: list[str]) -> list[TypographyIssue]:
                 )
             )
     return issues
+
+
+def _ascii(line: str) -> str:
+    """``normalize`` for one line, skipping the work for plain ASCII lines (nearly all)."""
+    return line if line.isascii() else normalize(line)
 
 
 def normalize(text: str) -> str:

@@ -13,6 +13,7 @@ from policy_world import World
 
 from weft.policy import EGRESS, INGRESS, PolicyKey, PolicyRepository, lookup, trace
 from weft.policy.resolve import LOCALHOST_RULE
+from weft.types.labels import Label
 
 Pred = Callable[[str, str], bool]
 
@@ -402,6 +403,13 @@ SCENARIOS: list[tuple[str, list[str], int, str, Pred]] = [
         into_xa_only_from(lambda s, d: False),
     ),
     (
+        "ccnp-deny-only-puts-every-pod-in-default-deny",
+        [ccnp("endpointSelector: {}\ningressDeny:\n- fromEntities: [world]")],
+        80,
+        "tcp",
+        lambda s, d: False,
+    ),
+    (
         "enableDefaultDeny-false-only-adds",
         [
             cnp(
@@ -713,3 +721,14 @@ def test_repeated_resolve_reuses_selections() -> None:
     version = repo.cache.version
     again = repo.resolve(world.pods["x/a"], world.identities, world.named_ports)
     assert again == first and repo.cache.version == version
+
+
+def test_sync_identities_keeps_reserved_and_cidr() -> None:
+    world = World.default()
+    repo = world.repo(cnp("endpointSelector: {matchLabels: {pod: a}}\negress:\n- toCIDR: [10.0.0.0/8]"))
+    repo.sync_identities({**world.identities, 1: frozenset({Label("reserved", "host", ""), Label("k8s", "n", "1")})})
+    repo.sync_identities({})
+    known = repo.cache.identities()
+    assert known[1] == frozenset({Label("reserved", "host", "")})
+    assert set(known) == {1, 2, 3, 4, 5, 6, 7, 8, 2**24}
+    assert world.allowed(repo, "x/a", repo.identity_of_address("10.2.3.4"), 80)
