@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from weft.policy import model as m
 from weft.policy.errors import Loc, PolicyError, Problem, format_path
@@ -112,7 +112,7 @@ class _Positions:
         return self.values.get((), (0, 0))
 
 
-def _documents(text: str, json_input: bool) -> Iterator[tuple[Any, _Positions]]:
+def _documents(text: str) -> Iterator[tuple[Any, _Positions]]:
     # libyaml's loader when PyYAML has it (several times faster on large files); both keep marks.
     loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     loader = loader_cls(text)
@@ -171,7 +171,7 @@ def load_policies(
     problems: list[Problem] = []
     raw_docs: list[tuple[Any, _Positions]] = []
     try:
-        raw_docs = list(_documents(text, json_input))
+        raw_docs = list(_documents(text))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or "invalid YAML"
@@ -461,8 +461,3 @@ def _check_netpol(doc: m.NetworkPolicy, prefix: Loc, ctx: _Context) -> None:
             _check_ports(rule.ports, (*rloc, "ports"), ctx)
     if doc.spec.policyTypes is not None and len(set(doc.spec.policyTypes)) != len(doc.spec.policyTypes):
         ctx.add((*sloc, "policyTypes"), "policyTypes lists a type twice")
-
-
-def model_of(policy: Policy) -> BaseModel:
-    """The validated document (typed as a pydantic model, for generic dumping)."""
-    return policy.document

@@ -114,12 +114,18 @@ def scan(text: str, *, json_input: bool = False) -> list[TypographyIssue]:
     permits them between tokens, and the loader replaces them before parsing)."""
     issues: list[TypographyIssue] = []
     lines = text.split("\n")
+    prose = _block_scalar_lines(lines)
     for lineno, raw in enumerate(lines, start=1):
+        if lineno - 1 in prose:
+            continue  # free text of a `|` or `>` block: YAML takes it verbatim
         line = raw.rstrip("\r")
         spans, comment_at = _strings_and_comment(line)
         body = line[:comment_at]
         stripped = body.lstrip(" ")
         indent = len(body) - len(stripped)
+        free_text = stripped.startswith("description:")
+        rest = stripped[len("description:") :]
+        free_text_start = indent + len("description:") + len(rest) - len(rest.lstrip(" "))  # first value column
         # A list marker that is not "-": the most common paste damage, so it gets its own message.
         lead = stripped[:1]
         if lead in _DASHES and (len(stripped) == 1 or stripped[1] in " \t\u00a0"):
@@ -140,6 +146,9 @@ def scan(text: str, *, json_input: bool = False) -> list[TypographyIssue]:
                     continue
                 if _inside(spans, col):
                     continue
+                # Inside free text (a description), quotes after the first word are prose.
+                if free_text and col > free_text_start:
+                    continue
                 issues.append(TypographyIssue(lineno, col + 1, f"{name} is not a YAML quote; use {fix}"))
             elif ch == _FULLWIDTH_COLON:
                 issues.append(TypographyIssue(lineno, col + 1, 'full-width colon "\uff1a"; YAML needs ":"'))
@@ -148,7 +157,7 @@ def scan(text: str, *, json_input: bool = False) -> list[TypographyIssue]:
                 and col != indent
                 and not _inside(spans, col)
                 and unicodedata.category(ch) == "Pd"
-                and not stripped.startswith("description:")
+                and not free_text
                 and ((col > 0 and body[col - 1] != " ") or (col + 1 < len(body) and body[col + 1] != " "))
             ):
                 # A dash glued inside a plain value (a range "80\u201390", a name "kube\u2013dns")
@@ -160,16 +169,43 @@ def scan(text: str, *, json_input: bool = False) -> list[TypographyIssue]:
         if glued:
             colon = glued.end() - 1  # the ":" right after the key's closing quote
             issues.append(TypographyIssue(lineno, colon + 1, 'no space after ":"; YAML needs "key: value"'))
-    issues.extend(_flattened_indentation(lines))
+    issues.extend(_flattened_indentation(lines, prose))
     issues.sort(key=lambda i: (i.line, i.column))
     return issues
 
 
-def _flattened_indentation(lines: list[str]) -> list[TypographyIssue]:
+_BLOCK_SCALAR_START = re.compile(r"""[:-]\s+[|>][-+0-9]*\s*(#.*)?$""")
+
+
+def _block_scalar_lines(lines: list[str]) -> set[int]:
+    """Indices of lines that are the content of a block scalar (``key: |`` and what follows,
+    more indented than the key)."""
+    out: set[int] = set()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip("\r")
+        if _BLOCK_SCALAR_START.search(line):
+            indent = len(line) - len(line.lstrip(" "))
+            j = i + 1
+            while j < len(lines):
+                nxt = lines[j].rstrip("\r")
+                if nxt.strip() and len(nxt) - len(nxt.lstrip(" ")) <= indent:
+                    break
+                out.add(j)
+                j += 1
+            i = j
+            continue
+        i += 1
+    return out
+
+
+def _flattened_indentation(lines: list[str], prose: set[int]) -> list[TypographyIssue]:
     """A parent key ("spec:") followed by a line at the same indentation that is not a list item:
     the indentation was lost in the paste (a policy never has an empty parent key)."""
     issues: list[TypographyIssue] = []
     for i, raw in enumerate(lines[:-1]):
+        if i in prose:
+            continue
         line = _ascii(raw.rstrip("\r"))
         m = _PARENT_KEY.match(line)
         if not m or line.strip().startswith("---"):

@@ -608,7 +608,12 @@ def test_typography(text: str, expected: str) -> None:
         pytest.param('description: "It\u2019s fine \u2013 really"\n', id="inside-double-quotes"),
         pytest.param("description: It\u2019s the web tier \u2013 public\n", id="apostrophe-and-spaced-dash"),
         pytest.param("a: b  # \u201ccomment\u201d \u2013 \t\n", id="in-comment"),
+        pytest.param("  description: Allow \u201cweb\u201d traffic\n", id="quotes-in-description-prose"),
         pytest.param("a: 'tab\there'\n", id="tab-in-quotes"),
+        pytest.param(
+            "description: |\n  Notes:\n  It\u2019s \u201cquoted\u201d \u2013 fine\n  \twith a tab\nname: x\n",
+            id="block-scalar-prose",
+        ),
     ],
 )
 def test_typography_allowed(text: str) -> None:
