@@ -362,10 +362,9 @@ def _compile_netpol(policy: Policy, doc: m.NetworkPolicy) -> CompiledPolicy:
     subject = LabelSelector(
         _requirements(spec.podSelector, "k8s") | {Requirement(POD_NAMESPACE_KEY, "In", frozenset({ns}))}
     )
+    # An empty policyTypes is defaulted like a missing one (Kubernetes checks the length).
     types: list[str] = (
-        list(spec.policyTypes)
-        if spec.policyTypes is not None
-        else (["Ingress", "Egress"] if spec.egress else ["Ingress"])
+        list(spec.policyTypes) if spec.policyTypes else (["Ingress", "Egress"] if spec.egress else ["Ingress"])
     )
     base = f"{policy.kind.short} {policy.display_name}"
     rules: list[CompiledRule] = []

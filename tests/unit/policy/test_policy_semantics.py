@@ -187,6 +187,13 @@ SCENARIOS: list[tuple[str, list[str], int, str, Pred]] = [
         lambda s, d: True,
     ),
     (
+        "np-empty-policyTypes-defaults",
+        [netpol("podSelector: {}\npolicyTypes: []")],
+        80,
+        "tcp",
+        lambda s, d: ns(d) != "x",
+    ),
+    (
         "np-egress-deny-all",
         [netpol("podSelector: {}\npolicyTypes: [Egress]")],
         80,
