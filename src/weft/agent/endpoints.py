@@ -116,8 +116,8 @@ class EndpointManager:
         record.host_mac, record.pod_mac, record.host_ifindex = link.host_mac, link.pod_mac, link.host_ifindex
         try:
             # The host side while the pod side is configured in parallel.
-            self.datapath.attach(record.host_ifname)
-            veth.add_node_routes(record.host_ifname, record.ips())
+            self.datapath.attach(record.host_ifname, record.host_ifindex)
+            veth.add_node_routes(record.host_ifname, record.ips(), record.host_ifindex)
             self._write_map_entries(record)
         finally:
             link.wait()

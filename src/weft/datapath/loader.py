@@ -204,24 +204,19 @@ class NodeDatapath:
         return self._obj is not None
 
     # ------------------------------------------------------------------ attach
-    def attach(self, ifname: str) -> None:
+    def attach(self, ifname: str, ifindex: int | None = None) -> None:
         """In the CALLER's current netns: ensure a clsact qdisc on ``ifname`` and install
         from_container at ingress and to_container at egress with a fixed prio/handle, using
         replace so a re-attach after a restart swaps programs atomically without a gap."""
         self._need()
-        ipr = node_ipr()
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise FileNotFoundError(f"interface {ifname} not found")
-        index = found[0]
-        try:
-            ipr.tc("add", "clsact", index)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-        for parent, prog in ((TC_INGRESS, "from_container"), (TC_EGRESS, "to_container")):
-            ipr.tc("replace-filter", "bpf", index, handle=TC_HANDLE, fd=self._prog_fds[prog], name=prog,
-                   parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
+        if ifindex is None:
+            found = node_ipr().link_lookup(ifname=ifname)
+            if not found:
+                raise FileNotFoundError(f"interface {ifname} not found")
+            ifindex = found[0]
+        libbpf.tc_hook_create(ifindex)
+        for egress, prog in ((False, "from_container"), (True, "to_container")):
+            libbpf.tc_attach(ifindex, self._prog_fds[prog], egress, TC_HANDLE, TC_PRIO)
 
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link

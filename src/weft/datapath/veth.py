@@ -217,10 +217,10 @@ def list_host_links() -> dict[str, int]:
     return out
 
 
-def add_node_routes(host_ifname: str, addresses: list[IPAddress]) -> None:
+def add_node_routes(host_ifname: str, addresses: list[IPAddress], ifindex: int | None = None) -> None:
     """Routes in the node's netns to the pod through its veth, so the node itself reaches pods."""
     ipr = node_ipr()
-    index = ipr.link_lookup(ifname=host_ifname)[0]
+    index = ifindex if ifindex is not None else ipr.link_lookup(ifname=host_ifname)[0]
     for ip in addresses:
         try:
             ipr.route("replace", dst=f"{ip}/{ip.max_prefixlen}", oif=index, scope=253)
