@@ -378,6 +378,20 @@ def _check_cilium(
                 at_key=True,
             )
         _check_selector(rule.endpointSelector, (*rloc, "endpointSelector"), ctx)
+        if not clusterwide and rule.endpointSelector is not None:
+            keys = set(rule.endpointSelector.matchLabels or {}) | {
+                e.key for e in rule.endpointSelector.matchExpressions or []
+            }
+            if keys & {
+                "k8s:io.kubernetes.pod.namespace",
+                "any:io.kubernetes.pod.namespace",
+                "io.kubernetes.pod.namespace",
+            }:
+                # Cilium replaces it too (with a warning): a CNP only ever selects its own namespace.
+                notes.append(
+                    f"{format_path((*rloc, 'endpointSelector'))}: the namespace is ignored; a CiliumNetworkPolicy "
+                    "selects endpoints of its own namespace only"
+                )
         sections: list[tuple[str, list[Any] | None, bool]] = [
             ("ingress", rule.ingress, True),
             ("ingressDeny", rule.ingressDeny, True),

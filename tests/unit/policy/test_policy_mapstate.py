@@ -218,3 +218,49 @@ def test_lookup_default_allow_when_not_enforced() -> None:
 
 def test_wildcard_selector() -> None:
     assert WILDCARD.matches(POD) and str(WILDCARD) == "*"
+
+
+LABEL_POOL = [Label("k8s", k, v) for k in ("app", "tier") for v in ("a", "b")] + [Label("reserved", "host", "")]
+SELECTOR_POOL = [
+    LabelSelector(frozenset({req("k8s:app", "In", "a")})),
+    LabelSelector(frozenset({req("any:tier", "NotIn", "a")})),
+    LabelSelector(frozenset({req("k8s:app", "Exists"), req("k8s:tier", "DoesNotExist")})),
+    LabelSelector(),
+    EntitySelector("host"),
+    EntitySelector("cluster"),
+]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("upsert"), st.integers(250, 260), st.frozensets(st.sampled_from(LABEL_POOL))),
+            st.tuples(st.just("remove"), st.integers(250, 260), st.just(frozenset())),
+            st.tuples(st.just("add_selector"), st.integers(0, len(SELECTOR_POOL) - 1), st.just(frozenset())),
+            st.tuples(st.just("remove_selector"), st.integers(0, len(SELECTOR_POOL) - 1), st.just(frozenset())),
+        ),
+        max_size=30,
+    )
+)
+def test_selector_cache_incremental_equals_recompute(ops: list[tuple[str, int, frozenset[Label]]]) -> None:
+    cache = SelectorCache()
+    refs: dict[int, int] = {}
+    for op, n, labels in ops:
+        if op == "upsert":
+            cache.update_identities({n: labels})
+        elif op == "remove":
+            cache.update_identities(remove=[n])
+        elif op == "add_selector":
+            cache.add_selector(SELECTOR_POOL[n])
+            refs[n] = refs.get(n, 0) + 1
+        elif refs.get(n):
+            cache.remove_selector(SELECTOR_POOL[n])
+            refs[n] -= 1
+    known = cache.identities()
+    for n, count in refs.items():
+        sel = SELECTOR_POOL[n]
+        if count:
+            want = {i for i, lbls in known.items() if sel.matches(IdentityLabels(i, lbls))}
+            assert cache.selections(sel) == want
+            for i in known:
+                assert (sel in cache.selectors_of(i)) is (i in want)

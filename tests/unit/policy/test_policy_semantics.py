@@ -739,3 +739,10 @@ def test_sync_identities_keeps_reserved_and_cidr() -> None:
     assert known[1] == frozenset({Label("reserved", "host", "")})
     assert set(known) == {1, 2, 3, 4, 5, 6, 7, 8, 2**24}
     assert world.allowed(repo, "x/a", repo.identity_of_address("10.2.3.4"), 80)
+
+
+def test_cnp_endpoint_selector_namespace_is_noted() -> None:
+    from weft.policy import load_policies
+
+    [p] = load_policies(cnp("endpointSelector: {matchLabels: {k8s:io.kubernetes.pod.namespace: y}}\ningress: [{}]"))
+    assert any("the namespace is ignored" in n for n in p.notes)
