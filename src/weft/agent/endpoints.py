@@ -268,7 +268,7 @@ class EndpointManager:
         for record in self.state.endpoints.values():
             if record.state == EP_READY:
                 with contextlib.suppress(Exception):
-                    ids = self.datapath.attached_program_ids(record.host_ifname)
+                    ids = self.datapath.attached_program_ids(record.host_ifname, record.host_ifindex)
                     attached += 1 if ids.get("ingress") and ids.get("egress") else 0
         return {
             "node": self.config.node_name,
@@ -317,8 +317,8 @@ class EndpointManager:
             record.host_ifindex = index
             # Re-attach only where the current programs are not in place (after a restart they
             # are new): a replace per endpoint on every periodic pass would be wasted work.
-            if self.datapath.attached_program_ids(record.host_ifname) != wanted_progs:
-                self.datapath.attach(record.host_ifname)
+            if self.datapath.attached_program_ids(record.host_ifname, index) != wanted_progs:
+                self.datapath.attach(record.host_ifname, index)
             self._write_map_entries(record)
         wanted_ips = {ip for r in self.state.endpoints.values() for ip in r.ips()}
         for ip in list(self.datapath.endpoints()):

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,9 @@ class AgentState:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "endpoints": {k: asdict(v) for k, v in sorted(self.endpoints.items())},
+            # vars(), not asdict(): records hold only scalars and lists of str, and asdict's deep
+            # copy of every record was most of a save's cost with hundreds of endpoints.
+            "endpoints": {k: vars(v) for k, v in sorted(self.endpoints.items())},
             "ipam": {
                 str(v): {
                     "block": str(a.block),

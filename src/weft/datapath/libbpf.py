@@ -158,6 +158,21 @@ _test_run = _decl("bpf_prog_test_run_opts", c_int, c_int, POINTER(BpfTestRunOpts
 _num_cpus = _decl("libbpf_num_possible_cpus", c_int)
 _tc_hook_create = _decl("bpf_tc_hook_create", c_int, POINTER(BpfTcHook))
 _tc_attach = _decl("bpf_tc_attach", c_int, POINTER(BpfTcHook), POINTER(BpfTcOpts))
+_tc_query = _decl("bpf_tc_query", c_int, POINTER(BpfTcHook), POINTER(BpfTcOpts))
+
+
+def tc_query(ifindex: int, egress: bool, handle: int, priority: int) -> int:
+    """The id of the program in the cls_bpf filter of that handle and priority, or 0 if there is
+    none (or no clsact qdisc, or no such link)."""
+    hook = BpfTcHook(sz=ctypes.sizeof(BpfTcHook), ifindex=ifindex,
+                     attach_point=BPF_TC_EGRESS if egress else BPF_TC_INGRESS)
+    opts = BpfTcOpts(sz=ctypes.sizeof(BpfTcOpts), handle=handle, priority=priority)
+    ret = _tc_query(byref(hook), byref(opts))
+    if ret < 0:
+        if -ret in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return 0
+        raise BpfError("bpf_tc_query", -ret, f"ifindex {ifindex}")
+    return int(opts.prog_id)
 
 
 def tc_hook_create(ifindex: int) -> None:

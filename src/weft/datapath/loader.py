@@ -28,14 +28,10 @@ from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container")
 MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct")
-# clsact's two hook points (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)).
-TC_INGRESS = 0xFFFFFFF2
-TC_EGRESS = 0xFFFFFFF3
 # One fixed priority and handle: `replace` finds the filter by both, so a re-attach swaps the
 # program in place (no moment without a filter) instead of adding a second one.
 TC_PRIO = 1
 TC_HANDLE = 1
-ETH_P_ALL = 0x0003  # the filter must see ARP too, not only IP
 
 
 def default_object_path() -> Path:
@@ -228,23 +224,20 @@ class NodeDatapath:
         with contextlib.suppress(NetlinkError):
             ipr.tc("del", "clsact", found[0])
 
-    def attached_program_ids(self, ifname: str) -> dict[str, int]:
-        """``{'ingress': prog_id, 'egress': prog_id}`` of the bpf filters found on the link (in
-        the caller's netns); a direction without one is absent, so is everything if the link is."""
+    def attached_program_ids(self, ifname: str, ifindex: int | None = None) -> dict[str, int]:
+        """``{'ingress': prog_id, 'egress': prog_id}`` of our filters (our handle and priority)
+        on the link, in the caller's netns; a direction without one is absent, so is everything
+        if the link is."""
+        if ifindex is None:
+            found = node_ipr().link_lookup(ifname=ifname)
+            if not found:
+                return {}
+            ifindex = found[0]
         out: dict[str, int] = {}
-        ipr = node_ipr()
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            return out
-        for direction, parent in (("ingress", TC_INGRESS), ("egress", TC_EGRESS)):
-            try:
-                filters = ipr.get_filters(index=found[0], parent=parent)
-            except NetlinkError:
-                continue  # no clsact qdisc
-            for msg in filters:
-                prog_id = _tc_bpf_prog_id(msg)
-                if prog_id:
-                    out[direction] = prog_id
+        for direction, egress in (("ingress", False), ("egress", True)):
+            prog_id = libbpf.tc_query(ifindex, egress, TC_HANDLE, TC_PRIO)
+            if prog_id:
+                out[direction] = prog_id
         return out
 
     def program_fd(self, name: str) -> int:
@@ -467,26 +460,6 @@ class NodeDatapath:
         self._policy_cache = {}
         self._prog_fds = {}
         self._by_ifindex = {}
-
-
-TCA_BPF_ID = 11
-
-
-def _tc_bpf_prog_id(msg: object) -> int:
-    """The program id of a tc bpf filter message. pyroute2 0.9 does not decode TCA_BPF_ID, so
-    read the u32 from the raw attribute (header: u16 length, u16 type; then the value)."""
-    options = msg.get_attr("TCA_OPTIONS")  # type: ignore[attr-defined]
-    if options is None:
-        return 0
-    for nla in options["attrs"]:
-        value = nla[1]
-        if nla[0] == "TCA_BPF_ID":
-            return int(value)
-        if nla[0] == "UNKNOWN" and hasattr(value, "data"):
-            raw = bytes(value.data[value.offset:value.offset + value.length])
-            if len(raw) >= 8 and int.from_bytes(raw[2:4], "little") == TCA_BPF_ID:
-                return int.from_bytes(raw[4:8], "little")
-    return 0
 
 
 def _counters(metrics: PerCpuArray[abi.MetricValue]) -> dict[str, tuple[int, int]]:
