@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from weft.agent.state import AgentState
+from weft.agent.state import AgentState, EndpointRecord
 from weft.ipam.pool import BlockAllocator, ClusterPool, IPAMError, PoolExhausted, default_pools, gateway_of
 
 
@@ -100,11 +100,19 @@ def test_allocator_invariants(ops: list[tuple[bool, int]]) -> None:
 
 
 def test_state_round_trip_keeps_allocations() -> None:
+    """Allocations live in the endpoint records that hold them and come back from there."""
     blocks = {4: ipaddress.ip_network("10.244.1.0/24"), 6: ipaddress.ip_network("fd12:3456:789a:0:1::/80")}
     state = AgentState.from_json({"version": 1}, blocks)
     a4 = state.ipam[4].allocate("c/eth0")
     a6 = state.ipam[6].allocate("c/eth0")
+    state.endpoints["c/eth0"] = EndpointRecord("c", "eth0", "/run/netns/x", "weft", 1, "lxc0", [str(a4), str(a6)])
     again = AgentState.from_json(state.to_json(), blocks)
     assert again.ipam[4].allocations() == {a4: "c/eth0"}
     assert again.ipam[6].allocations() == {a6: "c/eth0"}
-    assert again.ipam[4].allocate("d/eth0") != a4
+    assert again.ipam[4].allocate("d/eth0") != a4, "allocation goes on after the last one handed out"
+    record = again.endpoints["c/eth0"]
+    text = record.json_text()
+    record.state = "ready"
+    assert record.json_text() != text and '"state":"ready"' in record.json_text()
+    changed = AgentState.from_json({"version": 1}, {4: ipaddress.ip_network("10.245.1.0/24")})
+    assert changed.ipam[4].allocations() == {}

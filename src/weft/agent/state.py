@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,20 @@ class EndpointRecord:
     pod_mac: str = ""
     host_ifindex: int = 0
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_json":
+            object.__setattr__(self, "_json", None)  # the cached serialisation is stale
+
+    def json_text(self) -> str:
+        """This record as JSON, cached until a field changes: a save re-serialises only the
+        records that changed, not every endpoint of the node."""
+        cached: str | None = getattr(self, "_json", None)
+        if cached is None:
+            cached = json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":"))
+            object.__setattr__(self, "_json", cached)
+        return cached
+
     @property
     def key(self) -> str:
         return endpoint_key(self.container_id, self.ifname)
@@ -64,26 +78,35 @@ class AgentState:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
     next_ep_id: int = 1
+    _pod_cache: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_text(self) -> str:
+        """The state document. IP allocations are not written separately: every allocated
+        address is in the record of the endpoint that holds it (written before the kernel is
+        touched), and loading rebuilds the allocators from the records. Endpoint and pod entries
+        come from per-entry caches, so a save's cost is not paid again for unchanged entries."""
+        compact = (",", ":")
+        endpoints = ",".join(f"{json.dumps(k)}:{r.json_text()}" for k, r in self.endpoints.items())
+        pods = ",".join(f"{json.dumps(k)}:{self._pod_text(k, v)}" for k, v in self.pods.items())
+        ipam = {str(v): {"block": str(a.block), "last": str(a.last) if a.last is not None else None}
+                for v, a in sorted(self.ipam.items())}
+        return (f'{{"version":{STATE_VERSION},"endpoints":{{{endpoints}}},'
+                f'"ipam":{json.dumps(ipam, separators=compact)},'
+                f'"identities":{json.dumps(self.identities.to_json(), separators=compact)},'
+                f'"pods":{{{pods}}},"namespaces":{json.dumps(self.namespaces, separators=compact)},'
+                f'"next_ep_id":{self.next_ep_id}}}')
+
+    def _pod_text(self, key: str, meta: dict[str, Any]) -> str:
+        # Pod entries are replaced, never changed in place: cache by the dict's identity.
+        cached = self._pod_cache.get(key)
+        if cached is None or cached[0] is not meta:
+            cached = (meta, json.dumps(meta, separators=(",", ":")))
+            self._pod_cache[key] = cached
+        return cached[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            # vars(), not asdict(): records hold only scalars and lists of str, and asdict's deep
-            # copy of every record was most of a save's cost with hundreds of endpoints.
-            "endpoints": {k: vars(v) for k, v in sorted(self.endpoints.items())},
-            "ipam": {
-                str(v): {
-                    "block": str(a.block),
-                    "last": str(a.last) if a.last is not None else None,
-                    "allocations": {str(ip): owner for ip, owner in sorted(a.allocations().items())},
-                }
-                for v, a in sorted(self.ipam.items())
-            },
-            "identities": self.identities.to_json(),
-            "pods": self.pods,
-            "namespaces": self.namespaces,
-            "next_ep_id": self.next_ep_id,
-        }
+        parsed: dict[str, Any] = json.loads(self.to_text())
+        return parsed
 
     @classmethod
     def from_json(cls, data: dict[str, Any], blocks: dict[int, IPNetwork]) -> AgentState:
@@ -99,13 +122,17 @@ class AgentState:
         saved_ipam = data.get("ipam", {})
         for version, block in blocks.items():
             saved = saved_ipam.get(str(version))
-            if saved and saved["block"] == str(block):
-                allocations = {ipaddress.ip_address(ip): o for ip, o in saved["allocations"].items()}
-                last = ipaddress.ip_address(saved["last"]) if saved.get("last") else None
-                state.ipam[version] = BlockAllocator(block, allocations, last)
-            else:
-                # A changed block keeps nothing: endpoints of the old block are reconciled away.
-                state.ipam[version] = BlockAllocator(block)
+            last = ipaddress.ip_address(saved["last"]) if saved and saved.get("last") else None
+            if last is not None and last not in block:
+                last = None  # the node's block changed
+            allocations: dict[IPAddress, str] = {}
+            for record in state.endpoints.values():
+                for ip in record.ips():
+                    # An address outside the (possibly changed) block is not allocated here:
+                    # its endpoint is reconciled away.
+                    if ip.version == version and ip in block and ip != block.network_address:
+                        allocations[ip] = record.key
+            state.ipam[version] = BlockAllocator(block, allocations, last)
         return state
 
 
@@ -137,7 +164,7 @@ class StateStore:
         would cost more than the rest of a CNI ADD."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
-        data = json.dumps(state.to_json(), separators=(",", ":")).encode()
+        data = state.to_text().encode()
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(data)
         os.replace(tmp, self.path)

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -201,20 +202,17 @@ def delete_host_link(host_ifname: str) -> bool:
 
 
 def host_link_index(host_ifname: str) -> int | None:
-    ipr = node_ipr()
-    found = ipr.link_lookup(ifname=host_ifname)
-    return found[0] if found else None
+    try:
+        return socket.if_nametoindex(host_ifname)
+    except OSError:
+        return None
 
 
 def list_host_links() -> dict[str, int]:
-    """Every ``lxc*`` link in the node's netns: name -> ifindex."""
-    out: dict[str, int] = {}
-    ipr = node_ipr()
-    for link in ipr.get_links():
-        name = str(link.get_attr("IFLA_IFNAME"))
-        if name.startswith(HOST_IF_PREFIX):
-            out[name] = int(link["index"])
-    return out
+    """Every ``lxc*`` link in the calling thread's netns: name -> ifindex. if_nameindex(3) does
+    the netlink dump in C and returns names only: a full decoded dump of hundreds of links would
+    cost the agent megabytes of short-lived objects on every reconcile."""
+    return {name: index for index, name in socket.if_nameindex() if name.startswith(HOST_IF_PREFIX)}
 
 
 def add_node_routes(host_ifname: str, addresses: list[IPAddress], ifindex: int | None = None) -> None:
