@@ -26,8 +26,9 @@ EP_CREATING = "creating"
 EP_READY = "ready"
 
 
-@dataclass
+@dataclass(slots=True)
 class EndpointRecord:
+    # slots: hundreds of records live for the agent's lifetime; no per-record __dict__.
     container_id: str
     ifname: str
     netns: str
@@ -42,6 +43,7 @@ class EndpointRecord:
     host_mac: str = ""
     pod_mac: str = ""
     host_ifindex: int = 0
+    _json: str | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -53,7 +55,8 @@ class EndpointRecord:
         records that changed, not every endpoint of the node."""
         cached: str | None = getattr(self, "_json", None)
         if cached is None:
-            cached = json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, separators=(",", ":"))
+            cached = json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name != "_json"},
+                                separators=(",", ":"))
             object.__setattr__(self, "_json", cached)
         return cached
 
