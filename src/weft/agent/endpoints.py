@@ -30,6 +30,7 @@ from weft.agent.errors import (
     UNKNOWN_CONTAINER,
     AgentError,
 )
+from weft.agent.policy import PolicyController
 from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
@@ -49,9 +50,7 @@ class EndpointManager:
         self.state: AgentState = self.store.load(self.blocks)
         self.started_at = time.time()
         self.last_reconcile: dict[str, Any] = {}
-        # ep_id -> enforcement flags policy decided (abi.EP_F_*); kept on every rewrite of an
-        # endpoint's entries so an identity change never drops its enforcement.
-        self.policy_flags: dict[int, int] = {}
+        self.policy = PolicyController(self.state, datapath, self._entries, self._save)
         self.reaper = veth.LinkReaper()
 
     def _save(self) -> None:
@@ -106,6 +105,8 @@ class EndpointManager:
             raise AgentError(IO_FAILURE, f"setting up {ifname} in {netns} failed: {exc}") from exc
         record.state = EP_READY
         self._save()
+        if self.policy.repo.policies():
+            self.policy.regenerate(exclude=record)  # peers may select the new identity
         return self._result(record)
 
     def _wire(self, record: EndpointRecord) -> None:
@@ -118,16 +119,22 @@ class EndpointManager:
             # The host side while the pod side is configured in parallel.
             self.datapath.attach(record.host_ifname, record.host_ifindex)
             veth.add_node_routes(record.host_ifname, record.ips(), record.host_ifindex)
+            # Policy before the endpoint becomes reachable: its first packet is already judged.
+            self.policy.program(record)
             self._write_map_entries(record)
         finally:
             link.wait()
 
+    def _entries(self, record: EndpointRecord) -> list[EndpointEntry]:
+        # The enforcement flags policy decided are kept on every rewrite, so an identity change
+        # never drops an endpoint's enforcement.
+        return [EndpointEntry(ip=ip, ifindex=record.host_ifindex, ep_id=record.ep_id, identity=record.identity,
+                              pod_mac=record.pod_mac, host_mac=record.host_mac,
+                              policy_flags=self.policy.flags.get(record.ep_id, 0)) for ip in record.ips()]
+
     def _write_map_entries(self, record: EndpointRecord) -> None:
-        for ip in record.ips():
-            self.datapath.upsert_endpoint(EndpointEntry(
-                ip=ip, ifindex=record.host_ifindex, ep_id=record.ep_id, identity=record.identity,
-                pod_mac=record.pod_mac, host_mac=record.host_mac, policy_flags=self.policy_flags.get(record.ep_id, 0),
-            ))
+        for entry in self._entries(record):
+            self.datapath.upsert_endpoint(entry)
 
     def _acquire_identity(self, record: EndpointRecord) -> int:
         meta = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {})
@@ -145,9 +152,13 @@ class EndpointManager:
                 self.state.identities.release(old)
             if record.state == EP_READY and record.identity != old:
                 self._write_map_entries(record)
+        if self.policy.repo.policies():
+            self.policy.regenerate()
 
     def _teardown(self, record: EndpointRecord) -> None:
         """Remove everything an endpoint holds; every step tolerates a missing piece."""
+        with contextlib.suppress(Exception):
+            self.policy.forget(record)
         for ip in record.ips():
             # The address is still this endpoint's (IPAM releases it below), so is its entry.
             with contextlib.suppress(Exception):
@@ -332,6 +343,7 @@ class EndpointManager:
                 report["stale_links"].append(name)
         self.gc_orphans()
         self._save()
+        self.policy.regenerate()
         self.last_reconcile = report
         return report
 
@@ -364,11 +376,20 @@ class EndpointManager:
             "cni.add": self.cni_add, "cni.del": self.cni_del, "cni.check": self.cni_check,
             "cni.status": self.cni_status, "cni.gc": self.cni_gc, "pod.set": self.pod_set,
             "namespace.set": self.namespace_set,
+            "policy.apply": self.policy.apply, "policy.delete": self.policy.delete,
+            "policy.list": self.policy.list_policies, "policy.get": self.policy.get,
+            "policy.trace": lambda p: self.policy.trace(p, self._find_pod),
             "endpoint.list": self.endpoint_list, "status": self.status,
             "ping": lambda p: {"node": self.config.node_name},
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
             "sync": lambda p: {"drained": self.reaper.drain(float(p.get("timeout", 30)))},
         }
+
+    def _find_pod(self, ref: str) -> EndpointRecord | None:
+        for record in self.state.endpoints.values():
+            if record.pod_name and f"{record.pod_namespace}/{record.pod_name}" == ref and record.state == EP_READY:
+                return record
+        return None
 
     def _result(self, record: EndpointRecord) -> dict[str, Any]:
         ips, routes = [], []

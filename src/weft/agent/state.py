@@ -80,6 +80,7 @@ class AgentState:
     # "namespace/name" -> {"labels": {...}, "ports": [{"name", "protocol", "port"}]}
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    policies: list[dict[str, Any]] = field(default_factory=list)  # documents, as applied
     next_ep_id: int = 1
     _pod_cache: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -97,6 +98,7 @@ class AgentState:
                 f'"ipam":{json.dumps(ipam, separators=compact)},'
                 f'"identities":{json.dumps(self.identities.to_json(), separators=compact)},'
                 f'"pods":{{{pods}}},"namespaces":{json.dumps(self.namespaces, separators=compact)},'
+                f'"policies":{json.dumps(self.policies, separators=compact)},'
                 f'"next_ep_id":{self.next_ep_id}}}')
 
     def _pod_text(self, key: str, meta: dict[str, Any]) -> str:
@@ -120,6 +122,7 @@ class AgentState:
             identities=IdentityAllocator.from_json(data.get("identities", [])),
             pods=dict(data.get("pods", {})),
             namespaces=dict(data.get("namespaces", {})),
+            policies=list(data.get("policies", [])),
             next_ep_id=int(data.get("next_ep_id", 1)),
         )
         saved_ipam = data.get("ipam", {})

@@ -385,8 +385,7 @@ class NodeDatapath:
     def _policy_key(ep_id: int, key: PolicyMapKey) -> abi.PolicyKey:
         return abi.PolicyKey.of(ep_id, key.direction, key.identity, key.proto, key.port, key.port_prefix_len)
 
-    def sync_ipcache(self, desired: dict[IPNetwork, int]) -> dict[str, int]:
-        """Prefix -> identity for peers that are not local endpoints; only changes are written."""
+    def ipcache(self) -> dict[IPNetwork, int]:
         _, ipcache, _ = self._policy_maps()
         current: dict[IPNetwork, int] = {}
         for key, value in ipcache.items():
@@ -395,6 +394,12 @@ class NodeDatapath:
             net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
                               else ipaddress.IPv6Network((raw, plen)))
             current[net] = int(value.identity)
+        return current
+
+    def sync_ipcache(self, desired: dict[IPNetwork, int]) -> dict[str, int]:
+        """Prefix -> identity for peers that are not local endpoints; only changes are written."""
+        _, ipcache, _ = self._policy_maps()
+        current = self.ipcache()
         written = deleted = 0
         for net, identity in desired.items():
             if current.get(net) != identity:
