@@ -34,6 +34,8 @@ lab_app.add_typer(pod_app, name="pod")
 lab_app.add_typer(agent_app, name="agent")
 app.add_typer(endpoint_app, name="endpoint")
 namespace_app = typer.Typer(no_args_is_help=True, help="Namespaces of the lab.")
+policy_app = typer.Typer(no_args_is_help=True, help="Network policies: list, get, trace.")
+app.add_typer(policy_app, name="policy")
 lab_app.add_typer(namespace_app, name="namespace")
 
 LabOpt = Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name (prefix of everything it makes)")]
@@ -278,6 +280,115 @@ def probe_cmd(src: Annotated[str, typer.Option("--from", help="NAMESPACE/POD to 
     else:
         console.print(f"{source.key} -> {dst} ({target}) {port}/{proto.lower()}: [bold]{result.outcome}[/bold]")
     raise typer.Exit(0 if result.ok else 1)
+
+
+# ---------------------------------------------------------------------- policy
+FilesOpt = Annotated[list[Path], typer.Option("-f", "--filename", help="YAML or JSON policy file(s)")]
+
+
+def _read_policy_files(files: list[Path]) -> list[dict[str, str]]:
+    """Validate locally (errors name file, document, field and line) before any agent sees them."""
+    from weft.policy import PolicyError, load_policies
+
+    out: list[dict[str, str]] = []
+    problems: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise fail(f"{path}: {exc.strerror}") from None
+        try:
+            load_policies(text, str(path))
+        except PolicyError as exc:
+            problems.extend(str(p) for p in exc.problems)
+        out.append({"name": str(path), "text": text})
+    if problems:
+        for problem in problems:
+            err_console.print(problem, markup=False, highlight=False)
+        raise fail(f"{len(problems)} problem(s); nothing was applied")
+    return out
+
+
+def _each_agent(lab: str, method: str, params: dict[str, Any]) -> list[Any]:
+    try:
+        return [client.call(method, params) for _name, client in _clients(lab, None, None)]
+    except (LabError, AgentUnavailable, AgentCallError) as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("apply")
+def apply_cmd(files: FilesOpt, lab: LabOpt = "weft",
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and show, apply nothing")] = False,
+              output: OutOpt = Format.table) -> None:
+    """Apply CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and NetworkPolicy files (whole or not at all)."""
+    results = _each_agent(lab, "policy.apply", {"files": _read_policy_files(files), "dryRun": dry_run})
+    result = results[0]
+    if output == Format.json:
+        print_json(result)
+        return
+    verb = "would be " if dry_run else ""
+    for what in ("created", "configured", "unchanged"):
+        for key in result[what]:
+            console.print(f"{key} {verb}{what}")
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+@app.command("delete")
+def delete_cmd(files: FilesOpt, lab: LabOpt = "weft") -> None:
+    """Delete the policies defined in the files."""
+    result = _each_agent(lab, "policy.delete", {"files": _read_policy_files(files)})[0]
+    for key in result["deleted"]:
+        console.print(f"{key} deleted")
+
+
+@policy_app.command("list")
+def policy_list(lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
+    """Policies in force."""
+    rows = _each_agent(lab, "policy.list", {})[0]
+    if output == Format.json:
+        print_json(rows)
+        return
+    table("policies", ["KIND", "NAMESPACE", "NAME", "SOURCE"],
+          [[r["kind"], r["namespace"] or "-", r["name"], r["source"]] for r in rows])
+
+
+@policy_app.command("get")
+def policy_get(name: Annotated[str, typer.Argument()], lab: LabOpt = "weft",
+               namespace: Annotated[str | None, typer.Option("-n", "--namespace")] = None,
+               output: Annotated[str, typer.Option("-o", "--output", help="yaml or json")] = "yaml") -> None:
+    """One policy, as applied."""
+    docs = _each_agent(lab, "policy.get", {"name": name, "namespace": namespace})[0]
+    if output == "json":
+        print_json(docs if len(docs) > 1 else docs[0])
+    else:
+        import yaml
+
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+
+
+@policy_app.command("trace")
+def policy_trace(src: Annotated[str, typer.Option("--from", help="NAMESPACE/POD")],
+                 dst: Annotated[str, typer.Option("--to", help="NAMESPACE/POD or an IP address")],
+                 port: Annotated[str, typer.Option("--port", help="N/PROTO, e.g. 80/tcp")],
+                 lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
+    """The verdict for a connection and the rules that decide it."""
+    number, _, proto = port.partition("/")
+    if not number.isdigit():
+        raise fail(f"--port {port!r} is not N/PROTO")
+    lab_obj = Lab(lab)
+    try:
+        node = lab_obj.node(lab_obj.load(), lab_obj.pod(src).node)
+        result = lab_obj.client(node).call("policy.trace", {"from": src, "to": dst,
+                                                             "port": int(number), "protocol": proto or "tcp"})
+    except (LabError, AgentUnavailable, AgentCallError) as exc:
+        raise fail(str(exc)) from None
+    if output == Format.json:
+        print_json(result)
+    else:
+        for line in result["lines"]:
+            console.print(line, markup=False, highlight=False)
+    raise typer.Exit(0 if result["verdict"] == "allowed" else 1)
 
 
 @app.command("demo")
