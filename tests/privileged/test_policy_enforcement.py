@@ -168,3 +168,27 @@ def test_new_pods_are_enforced_from_their_first_packet(policy_lab: Lab, pods: di
         lab.pod_del(late.key)
     finally:
         weft("delete", "-f", str(cnp), "--lab", lab.name)
+
+
+def test_connectivity_matrix_expected_matches_observed(policy_lab: Lab, pods: dict[str, PodInfo],
+                                                       tmp_path: Path) -> None:
+    lab = policy_lab
+    cnp = tmp_path / "cnp.yaml"
+    cnp.write_text(CNP)
+    weft("apply", "-f", str(cnp), "--lab", lab.name)
+    try:
+        out = weft("connectivity", "matrix", "--lab", lab.name, "--ports", "80,81", "--protocols", "tcp,udp",
+                   "-o", "json")
+        report = json.loads(out.stdout)
+        cells = {(c["from"], c["to"], c["port"], c["protocol"]): c for c in report["cells"]}
+        assert report["mismatches"] == 0
+        assert len(cells) == 3 * 2 * 2 * 2
+        assert cells[("default/frontend", "default/backend", 80, "tcp")]["observed"] == "allowed"
+        assert cells[("default/frontend", "default/backend", 81, "tcp")]["observed"] == "denied"
+        assert cells[("default/other", "default/backend", 80, "tcp")]["expected"] == "denied"
+        assert cells[("default/backend", "default/other", 81, "udp")]["observed"] == "allowed", \
+            "other's ingress is not enforced: the closed port answers with an ICMP error"
+        table = weft("connectivity", "matrix", "--lab", lab.name, "--ports", "80")
+        assert "0 mismatch" in table.stdout
+    finally:
+        weft("delete", "-f", str(cnp), "--lab", lab.name)

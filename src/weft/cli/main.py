@@ -36,6 +36,8 @@ app.add_typer(endpoint_app, name="endpoint")
 namespace_app = typer.Typer(no_args_is_help=True, help="Namespaces of the lab.")
 policy_app = typer.Typer(no_args_is_help=True, help="Network policies: list, get, trace.")
 app.add_typer(policy_app, name="policy")
+connectivity_app = typer.Typer(no_args_is_help=True, help="Connectivity checks across the lab.")
+app.add_typer(connectivity_app, name="connectivity")
 lab_app.add_typer(namespace_app, name="namespace")
 
 LabOpt = Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name (prefix of everything it makes)")]
@@ -389,6 +391,49 @@ def policy_trace(src: Annotated[str, typer.Option("--from", help="NAMESPACE/POD"
         for line in result["lines"]:
             console.print(line, markup=False, highlight=False)
     raise typer.Exit(0 if result["verdict"] == "allowed" else 1)
+
+
+@connectivity_app.command("matrix")
+def connectivity_matrix(lab: LabOpt = "weft",
+                        namespaces: Annotated[str, typer.Option("--namespaces", help="a,b (default: all)")] = "",
+                        ports: Annotated[str, typer.Option("--ports", help="80,81")] = "80",
+                        protocols: Annotated[str, typer.Option("--protocols", help="tcp,udp")] = "tcp",
+                        family: Annotated[int, typer.Option("--family", help="4 or 6")] = 4,
+                        output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table") -> None:
+    """Every pod to every pod and port: expected (policy model) next to observed (real packets)."""
+    from weft.lab.matrix import MatrixError
+    from weft.lab.matrix import connectivity_matrix as build
+
+    try:
+        cells = build(Lab(lab), [n for n in namespaces.split(",") if n], [int(p) for p in ports.split(",") if p],
+                      [p.strip().lower() for p in protocols.split(",") if p.strip()], family)
+    except (MatrixError, LabError, AgentUnavailable, AgentCallError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    mismatches = [c for c in cells if not c["match"]]
+    if output == "json":
+        print_json({"cells": cells, "mismatches": len(mismatches)})
+    else:
+        from rich.table import Table
+
+        columns = sorted({(c["to"], c["port"], c["protocol"]) for c in cells})
+        t = Table(title=f"connectivity matrix of lab {lab} (expected / observed)")
+        t.add_column("FROM")
+        for dst, port, proto in columns:
+            t.add_column(f"{dst}\n{port}/{proto}")
+        for src in sorted({c["from"] for c in cells}):
+            row = [src]
+            for col in columns:
+                cell = next((c for c in cells if c["from"] == src and (c["to"], c["port"], c["protocol"]) == col),
+                            None)
+                if cell is None:
+                    row.append("-")
+                else:
+                    text = f"{cell['expected']} / {cell['observed']}"
+                    row.append(text if cell["match"] else f"[bold red]{text} MISMATCH[/bold red]")
+            t.add_row(*row)
+        console.print(t)
+        console.print(f"{len(cells)} checks, {len(mismatches)} mismatch(es)")
+    raise typer.Exit(1 if mismatches else 0)
 
 
 @app.command("demo")
