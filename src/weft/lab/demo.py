@@ -3,6 +3,8 @@ datapath, shown with the agent's counters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +52,7 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
                                     _mark(udp.ok, udp.outcome))
         console.print(results)
 
+        failures += _policy_step(lab, state.nodes[0], pods)
         status = lab.client(state.nodes[0]).call("status")
         counters = Table(title="eBPF datapath counters on node-1 (forwarding never used the node's IP stack)")
         counters.add_column("COUNTER")
@@ -75,6 +78,53 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
             console.print(f"lab {lab_name} removed")
     console.print("[green]all probes passed[/green]" if not failures else f"[red]{failures} probe(s) failed[/red]")
     return 0 if not failures else 1
+
+
+DEMO_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: db-from-backend-only
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: db
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: backend
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"""
+
+
+def _policy_step(lab: Lab, node: Any, pods: list[Any]) -> int:
+    """Apply a least-privilege policy and show it hold on real packets."""
+    frontend, backend, db = pods
+    console.print("\n[bold]policy[/bold] db-from-backend-only: only app=backend may reach app=db, on 80/tcp")
+    result = lab.client(node).call("policy.apply", {"files": [{"name": "demo-policy.yaml", "text": DEMO_POLICY}]})
+    console.print(f"applied: {', '.join(result['created'] + result['configured'])} (revision {result['revision']})")
+    t = Table(title="after the policy (real packets; denied = dropped in the datapath)")
+    for col in ("FROM", "TO", "PORT", "EXPECTED", "OBSERVED"):
+        t.add_column(col)
+    failures = 0
+    for src, port, expected in ((backend, 80, "allowed"), (frontend, 80, "denied"), (backend, 53, "denied"),
+                                (frontend, 80, None)):
+        dst = db if expected is not None else backend
+        want = expected or "allowed"
+        proto = "udp" if port == 53 else "tcp"
+        outcome = probe(src.netns, proto, dst.addresses[0], port, timeout=1.0).outcome
+        seen = "allowed" if outcome in ("connected", "refused") else "denied"
+        failures += seen != want
+        t.add_row(src.key, dst.key, f"{port}/{proto}", want, _mark(seen == want, seen) if seen != want else seen)
+    console.print(t)
+    counters = lab.client(node).call("status")["counters"]
+    console.print(f"drops by reason: policy (ingress) {counters['drop_policy_ingress']['packets']}, "
+                  f"explicit deny {counters['drop_policy_deny']['packets']}")
+    return failures
 
 
 def _mark(ok: bool, detail: str = "") -> str:
