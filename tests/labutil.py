@@ -49,3 +49,31 @@ def snmp_counter(netns: str, proto: str, field: str) -> int:
 
 def counters(status: dict[str, Any]) -> dict[str, int]:
     return {k: int(v["packets"]) for k, v in status["counters"].items()}
+
+
+# A TCP client that echoes 1 KiB chunks through a server forever and prints a count every 50:
+# a connection that is reset or stalls shows as a missing line.
+STREAM_CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+chunk = b"x" * 1024
+sent = 0
+while True:
+    s.sendall(chunk)
+    got = 0
+    while got < len(chunk):
+        got += len(s.recv(len(chunk) - got))
+    sent += 1
+    if sent % 50 == 0:
+        print(sent, flush=True)
+    time.sleep(0.002)
+"""
+
+
+def stream_progress(proc: subprocess.Popen[str]) -> int:
+    """The next progress count of a STREAM_CLIENT; fails if the stream died."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"stream stopped (exit {proc.poll()})")
+    return int(line)

@@ -17,31 +17,7 @@ from weft.datapath.loader import EndpointEntry, NodeDatapath, default_object_pat
 from weft.lab.cluster import NETNS_DIR, Lab
 from weft.lab.probe import probe
 
-from labutil import in_netns, links, pod_name, wait_until
-
-STREAM_CLIENT = r"""
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-chunk = b"x" * 1024
-sent = 0
-while True:
-    s.sendall(chunk)
-    got = 0
-    while got < len(chunk):
-        got += len(s.recv(len(chunk) - got))
-    sent += 1
-    if sent % 50 == 0:
-        print(sent, flush=True)
-    time.sleep(0.002)
-"""
-
-
-def _progress(proc: subprocess.Popen[str]) -> int:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise AssertionError(f"stream stopped (exit {proc.poll()})")
-    return int(line)
+from labutil import STREAM_CLIENT, in_netns, links, pod_name, stream_progress, wait_until
 
 
 def test_stream_survives_agent_sigkill_and_restart_reconciles(fresh_lab: Lab) -> None:
@@ -54,12 +30,12 @@ def test_stream_survives_agent_sigkill_and_restart_reconciles(fresh_lab: Lab) ->
     stream = subprocess.Popen(["nsenter", f"--net={NETNS_DIR / a.netns}", sys.executable, "-u", "-c", STREAM_CLIENT,
                                dst, "5000"], stdout=subprocess.PIPE, text=True)
     try:
-        _progress(stream)
+        stream_progress(stream)
         state = lab.load()
         node = state.nodes[0]
         lab.stop_agent(state, node.name, signal.SIGKILL)
         # With the agent gone the stream goes on: programs and maps are pinned and attached.
-        marks = [_progress(stream) for _ in range(5)]
+        marks = [stream_progress(stream) for _ in range(5)]
         assert marks == sorted(marks) and stream.poll() is None
 
         # Disturb the kernel while the agent is away: a stale link, a stale map entry, a lost pod link.
@@ -84,7 +60,7 @@ def test_stream_survives_agent_sigkill_and_restart_reconciles(fresh_lab: Lab) ->
         # The restored pod is reachable again, and the stream went on through all of it.
         victim_ip = next(x for x in c.addresses if ":" not in x)
         assert probe(a.netns, "tcp", victim_ip, 80).ok
-        marks = [_progress(stream) for _ in range(3)]
+        marks = [stream_progress(stream) for _ in range(3)]
         assert stream.poll() is None and marks == sorted(marks)
     finally:
         stream.kill()

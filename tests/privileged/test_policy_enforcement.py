@@ -16,7 +16,7 @@ from weft.lab.cluster import Lab, PodInfo
 from weft.lab.probe import probe
 
 from conftest import one_node_lab
-from labutil import counters
+from labutil import STREAM_CLIENT, counters, stream_progress
 
 WEFT = [sys.executable, "-m", "weft.cli.main"]
 
@@ -192,3 +192,56 @@ def test_connectivity_matrix_expected_matches_observed(policy_lab: Lab, pods: di
         assert "0 mismatch" in table.stdout
     finally:
         weft("delete", "-f", str(cnp), "--lab", lab.name)
+
+
+PROBE_LOOP = r"""
+import socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+tries = passed = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    tries += 1
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        passed += 1
+    except OSError:
+        pass
+print(tries, passed)
+"""
+
+
+def test_policy_changes_under_live_traffic(policy_lab: Lab, pods: dict[str, PodInfo], tmp_path: Path) -> None:
+    """Replacing and adding policies while an allowed stream runs and a denied peer keeps trying:
+    the stream is never cut, and not one denied connection gets through."""
+    lab, fe, other, be = policy_lab, pods["frontend"], pods["other"], pods["backend"]
+    cnp = tmp_path / "cnp.yaml"
+    cnp.write_text(CNP)
+    weft("apply", "-f", str(cnp), "--lab", lab.name)
+    stream = subprocess.Popen(["nsenter", f"--net=/run/netns/{fe.netns}", sys.executable, "-u", "-c", STREAM_CLIENT,
+                               addr(be, 4), "80"], stdout=subprocess.PIPE, text=True)
+    prober = subprocess.Popen(["nsenter", f"--net=/run/netns/{other.netns}", sys.executable, "-c", PROBE_LOOP,
+                               addr(be, 4), "80", "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        stream_progress(stream)
+        wider = tmp_path / "wider.yaml"
+        port80 = '      - port: "80"\n        protocol: TCP'
+        wider.write_text(CNP.replace(port80, port80 + '\n      - port: "81"\n        protocol: TCP'))
+        extra = tmp_path / "extra.yaml"
+        extra.write_text(DENY)
+        marks = [stream_progress(stream)]
+        for step in (wider, extra, cnp):
+            weft("apply", "-f", str(step), "--lab", lab.name)
+            marks.append(stream_progress(stream))
+        weft("delete", "-f", str(extra), "--lab", lab.name)
+        marks.append(stream_progress(stream))
+        assert marks == sorted(marks) and stream.poll() is None, "the allowed stream kept going"
+        out, _ = prober.communicate(timeout=30)
+        tries, passed = (int(x) for x in out.split())
+        assert tries > 5 and passed == 0, f"{passed} of {tries} denied connections got through"
+    finally:
+        for proc in (stream, prober):
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        weft("delete", "-f", str(cnp), "--lab", lab.name, check=False)
