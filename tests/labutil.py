@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -77,3 +78,13 @@ def stream_progress(proc: subprocess.Popen[str]) -> int:
     if not line:
         raise AssertionError(f"stream stopped (exit {proc.poll()})")
     return int(line)
+
+
+def csum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``; 0 when data includes a valid checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF

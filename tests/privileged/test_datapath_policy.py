@@ -24,6 +24,8 @@ from weft.datapath.loader import (
     unpin_all,
 )
 
+from labutil import csum
+
 ROOT = Path(__file__).resolve().parents[2]
 OK, SHOT, REDIRECT = 0, 2, 7
 LO, B_IFINDEX = 1, 1000
@@ -58,15 +60,6 @@ def dp() -> Iterator[NodeDatapath]:
     finally:
         datapath.close()
         unpin_all(pin)
-
-
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def l4(proto: int, sport: int, dport: int, flags: int = SYN) -> bytes:

@@ -25,6 +25,8 @@ from weft.datapath import abi, libbpf
 from weft.datapath.loader import EndpointEntry, NodeDatapath, default_object_path, unpin_all
 from weft.datapath.veth import run_in_netns
 
+from labutil import csum
+
 ROOT = Path(__file__).resolve().parents[2]
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 LO = 1
@@ -97,16 +99,6 @@ def mac(text: str) -> bytes:
 
 def ip(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
-
-
-def csum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``; 0 when data includes a valid checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def eth(dst: str, src: str, proto: int) -> bytes:

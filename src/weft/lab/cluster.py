@@ -209,16 +209,21 @@ class Lab:
         env.update(extra)
         return env
 
+    def _spawn(self, netns: str, module_argv: list[str], log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+        """A lab daemon: a Python module run inside ``netns`` (nsenter, so bpffs stays visible),
+        in a session of its own, marked with WEFT_LAB so ``down`` finds it whatever happened."""
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                ["nsenter", f"--net={NETNS_DIR / netns}", sys.executable, "-m", *module_argv],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=self._env(**env),
+            )
+        _children[proc.pid] = proc
+        return proc
+
     def start_agent(self, state: LabState, node_name: str) -> int:
         node = self.node(state, node_name)
-        log = open(Path(node.config_path).parent / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={NETNS_DIR / node.netns}", sys.executable, "-m", "weft.agent.main",
-             "--config", node.config_path],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=self._env(),
-        )
-        log.close()
-        _children[proc.pid] = proc
+        proc = self._spawn(node.netns, ["weft.agent.main", "--config", node.config_path],
+                           Path(node.config_path).parent / "agent.log")
         node.agent_pid = proc.pid
         self.save(state)
         client = self.client(node, timeout=5)
@@ -360,15 +365,8 @@ class Lab:
         ready_file = self.base / "servers" / f"{pod.netns}.ready"
         ready_file.parent.mkdir(parents=True, exist_ok=True)
         ready_file.unlink(missing_ok=True)
-        log = open(ready_file.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={NETNS_DIR / pod.netns}", sys.executable, "-m", "weft.lab.servers",
-             *[str(s) for s in specs]],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            env=self._env(WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD=pod.key),
-        )
-        log.close()
-        _children[proc.pid] = proc
+        proc = self._spawn(pod.netns, ["weft.lab.servers", *[str(s) for s in specs]], ready_file.with_suffix(".log"),
+                           WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD=pod.key)
 
         def ready() -> bool:
             if proc.poll() is not None:
