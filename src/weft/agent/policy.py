@@ -116,15 +116,20 @@ class PolicyController:
             out.setdefault(record.identity, {}).update(self._named_ports(record))
         return out
 
-    def resolve(self, record: EndpointRecord) -> EndpointPolicy:
-        return self.repo.resolve(self.subject(record), self._identities(), self._peer_ports())
+    def resolve(self, record: EndpointRecord, peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None,
+                sync: bool = True) -> EndpointPolicy:
+        """``sync``: bring the selector cache up to date with the node's identities first (the
+        cache applies only the differences); a regeneration does that once for all endpoints."""
+        return self.repo.resolve(self.subject(record), self._identities() if sync else None,
+                                 peer_ports if peer_ports is not None else self._peer_ports())
 
-    def program(self, record: EndpointRecord) -> None:
+    def program(self, record: EndpointRecord, peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None,
+                sync: bool = True) -> None:
         """Write one endpoint's policy (entries first, enforcement flags after: see
         NodeDatapath.apply_endpoint_policy). Needs the endpoint's interface (host_ifindex)."""
         if not (self.repo.policies() or self.flags.get(record.ep_id) or self.datapath.policy_entries(record.ep_id)):
             return  # no policy anywhere: nothing to write, and the fast path for CNI ADD
-        policy = self.resolve(record)
+        policy = self.resolve(record, peer_ports, sync)
         flags = (abi.EP_F_INGRESS_ENFORCED if policy.ingress_enforced else 0) | (
             abi.EP_F_EGRESS_ENFORCED if policy.egress_enforced else 0)
         desired = {PolicyMapKey(k.direction, k.identity, k.proto, k.port, k.port_prefix_len):
@@ -138,9 +143,11 @@ class PolicyController:
         cidrs = {ipaddress.ip_network(prefix): ident for prefix, ident in self.repo.cidr_identities().items()}
         # New CIDR identities before the entries that use them, stale ones after.
         self.datapath.sync_ipcache({**self._current_ipcache(), **cidrs})
+        self.repo.sync_identities(self._identities())
+        peer_ports = self._peer_ports()
         for record in self.state.endpoints.values():
             if record.state == EP_READY and record is not exclude:
-                self.program(record)
+                self.program(record, peer_ports, sync=False)
         self.datapath.sync_ipcache(cidrs)
 
     def _current_ipcache(self) -> dict[Any, int]:
