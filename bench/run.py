@@ -1,6 +1,6 @@
 """Run weft's benchmarks one after another and print a summary table with targets and PASS/MISS.
 
-    python bench/run.py [--quick] [--only cni_rate,pod_traffic,agent_memory] [--strict]
+    python bench/run.py [--quick] [--only cni_rate,pod_traffic,agent_memory,policy_scale] [--strict]
 
 Each benchmark runs as its own process (its output is streamed as it comes); the summary is built
 from their ``# <name>: <figures>`` and ``RESULT <name> ratio=<x> target=<op><y> PASS|MISS`` lines.
@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "cni_rate": ["cni_rate"],
     "pod_traffic": ["pod_traffic.tcp", "pod_traffic.rr"],
     "agent_memory": ["agent_memory.rss_500", "agent_memory.per_endpoint"],
+    "policy_scale": ["policy_scale.weft_10k_vs_10", "policy_scale.vs_iptables_10k", "policy_scale.vs_nft_10k",
+                     "policy_scale.apply_p99_ms", "policy_scale.memory"],
 }
 TARGET_TEXT = {
     "cni_rate": "ADD+DEL pairs/s >= 1.0x bridge+host-local",
@@ -35,6 +37,11 @@ TARGET_TEXT = {
     "pod_traffic.rr": "1-byte req/resp >= 1.0x plain veth routing",
     "agent_memory.rss_500": "agent RSS at 500 endpoints < 150 MiB",
     "agent_memory.per_endpoint": "< 10 KiB per added endpoint",
+    "policy_scale.weft_10k_vs_10": "weft TCP at 10,000 rules >= 0.95x weft at 10 rules",
+    "policy_scale.vs_iptables_10k": "weft TCP at 10,000 rules >= 5x iptables FORWARD chain",
+    "policy_scale.vs_nft_10k": "weft TCP at 10,000 rules >= 1.0x nftables verdict map",
+    "policy_scale.apply_p99_ms": "apply-to-enforced p99 < 100 ms (1,000 endpoints, 10,000 rules)",
+    "policy_scale.memory": "agent memory < 300 MiB (1,000 endpoints, 10,000 rules)",
 }
 
 
