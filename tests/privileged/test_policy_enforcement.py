@@ -245,3 +245,19 @@ def test_policy_changes_under_live_traffic(policy_lab: Lab, pods: dict[str, PodI
             if proc.stdout is not None:
                 proc.stdout.close()
         weft("delete", "-f", str(cnp), "--lab", lab.name, check=False)
+
+
+def test_a_large_policy_file_is_applied(policy_lab: Lab, pods: dict[str, PodInfo], tmp_path: Path) -> None:
+    """A file well over 64 KiB (one request line to the agent) goes through whole."""
+    rules = "".join(f"  - fromCIDR:\n    - 172.{16 + i // 65536}.{(i // 256) % 256}.{i % 256}/32\n"
+                    f"    toPorts:\n    - ports:\n      - port: \"{1000 + i}\"\n        protocol: TCP\n"
+                    for i in range(700))
+    big = tmp_path / "big.yaml"
+    big.write_text(CNP + rules)
+    assert big.stat().st_size > 64 * 1024
+    weft("apply", "-f", str(big), "--lab", policy_lab.name)
+    try:
+        assert outcome(pods["frontend"], pods["backend"], 80) == "connected"
+        assert outcome(pods["other"], pods["backend"], 80) == "timeout"
+    finally:
+        weft("delete", "-f", str(big), "--lab", policy_lab.name)

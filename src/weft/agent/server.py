@@ -17,6 +17,7 @@ from typing import Any
 from weft.agent.errors import BAD_REQUEST, INTERNAL, AgentError
 
 log = logging.getLogger("weft.agent.server")
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
 Handler = Callable[[dict[str, Any]], Any]
 
 
@@ -42,7 +43,10 @@ class ApiServer:
             self.socket_path.unlink()
         old_umask = os.umask(0o177)  # the socket is created 0600: only root may connect
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+            # A request is one line; asyncio's default line limit (64 KiB) is far below a large
+            # policy file sent by `weft apply -f`.
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path),
+                                                           limit=MAX_REQUEST_BYTES)
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
@@ -64,6 +68,11 @@ class ApiServer:
                 if not line:
                     return
                 await self._reply(writer, await self._dispatch(line))
+        except ValueError:  # a line over MAX_REQUEST_BYTES: say so instead of dropping the connection
+            too_big = AgentError(BAD_REQUEST, f"request larger than {MAX_REQUEST_BYTES} bytes")
+            with contextlib.suppress(ConnectionError):
+                await self._reply(writer, {"error": too_big.to_json()})
+            return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
