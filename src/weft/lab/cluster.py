@@ -270,6 +270,9 @@ class Lab:
         if self.pin_root.exists():
             shutil.rmtree(self.pin_root, ignore_errors=True)
             removed.append(f"pins {self.pin_root}")
+        for parent in (BPF_DIR, LABS_DIR):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if no other lab is left in it
         if self.base.exists():
             shutil.rmtree(self.base, ignore_errors=True)
             removed.append(f"dir {self.base}")
