@@ -35,6 +35,7 @@ from bench.common import (
     median,
     netns_add_many,
     netns_del_many,
+    print_results,
     say,
     table,
 )
@@ -164,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         Result("agent_memory.per_endpoint", per_ep_kib / TARGET_KIB_PER_EP, 1.0, False,
                f"{per_ep_kib:.2f} KiB per added endpoint over {total - 1}, limit {TARGET_KIB_PER_EP:g} KiB"),
     ]
-    for res in results:
-        say(res.lines()[0])
-    for res in results:
-        say(res.line())
+    print_results(results)
     return 0
 
 

@@ -311,6 +311,14 @@ def dump_json(path: str | None, data: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(data, indent=1))
 
 
+def print_results(results: list[Result]) -> None:
+    """Each result's figures, then its RESULT line (run.py reads both; RESULT lines come last)."""
+    for res in results:
+        say(res.lines()[0])
+    for res in results:
+        say(res.line())
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 

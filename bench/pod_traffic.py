@@ -46,6 +46,7 @@ from bench.common import (
     netns_add,
     netns_del,
     paired_ratio,
+    print_results,
     run,
     say,
     spread,
@@ -242,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "plain": {"tcp_gbps": plain.tcp_gbps, "rr_rate": plain.rr_rate, "rr_p50_us": plain.rr_p50},
         "counters": counters,
     })
-    for res in results:
-        say(res.lines()[0])
-    for res in results:
-        say(res.line())
+    print_results(results)
     return 0
 
 

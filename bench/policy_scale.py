@@ -62,6 +62,7 @@ from bench.common import (
     netns_add_many,
     netns_del,
     netns_del_many,
+    print_results,
     run,
     say,
     spread,
@@ -404,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     dump_json(opts.json, {"rounds": rounds, "seconds": seconds, "sizes": list(sizes),
                           "tcp_gbps": {p.name: p.tcp for p in paths}, "conn_rate": {p.name: p.cc for p in paths},
                           "apply_ms": apply_ms, "control_plane": cp})
-    for res in results:
-        say(res.lines()[0])
-    for res in results:
-        say(res.line())
+    print_results(results)
     return 0
 
 
