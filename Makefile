@@ -5,7 +5,7 @@ VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
 # Debian's interpreter: fast to start, and the CNI plugin's shebang points at it.
 SYSPY := /usr/bin/python3
-APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool gcc-multilib linux-libc-dev iproute2 iperf3 \
+APT_PACKAGES := dnsmasq-base dnsperf dnsutils clang llvm libbpf-dev libbpf1 bpftool gcc-multilib linux-libc-dev iproute2 iperf3 \
 	iputils-ping python3-venv python3-dev containernetworking-plugins podman runc catatonit \
 	busybox-static containerd procps psmisc util-linux iptables nftables
 BPF_SRC := $(wildcard bpf/*.c)
