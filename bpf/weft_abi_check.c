@@ -19,5 +19,8 @@ struct weft_ipcache_key weft_abi_ipcache_key;
 struct weft_ipcache_value weft_abi_ipcache_value;
 struct weft_ct_key weft_abi_ct_key;
 struct weft_ct_value weft_abi_ct_value;
+struct weft_fqdn_key weft_abi_fqdn_key;
+struct weft_fqdn_slot weft_abi_fqdn_slot;
+struct weft_fqdn_value weft_abi_fqdn_value;
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

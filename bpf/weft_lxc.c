@@ -9,6 +9,8 @@
  *       (anti-spoofing); a destination that is a local endpoint is delivered with
  *       bpf_redirect_peer straight into that pod's netns, so the node's IP stack never sees the
  *       packet (no forwarding sysctl, no routes, no neighbour entries involved).
+ *     - A packet that policy hands to the DNS proxy (a toPorts rule with DNS rules) gets the
+ *       proxy's socket assigned and goes up the node's stack to it (lib/proxy.h).
  *     - Everything else continues into the node's stack.
  *   to_container (egress: what the node's stack sends to the pod)
  *     - Counted; ingress policy hooks in here (see lib/policy.h).
@@ -28,6 +30,7 @@
 #include "lib/identity.h"
 #include "lib/conntrack.h"
 #include "lib/policy.h"
+#include "lib/proxy.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -38,9 +41,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * A packet both sides allow opens (or refreshes) a tracked connection.
  */
 static __always_inline int enforce_from_container(struct __sk_buff *skb, const struct weft_ep_value *src,
-						  const struct weft_ep_value *dst, struct weft_flow *flow)
+						  const struct weft_ep_value *dst, struct weft_flow *flow,
+						  __u16 *proxy_port)
 {
 	enum ct_status status = ct_lookup(skb, flow);
+	__u16 ignored_port = 0;
 	__u32 dst_identity;
 	int verdict;
 
@@ -49,11 +54,14 @@ static __always_inline int enforce_from_container(struct __sk_buff *skb, const s
 	if (flow_is_icmp6_nd(flow))
 		return TC_ACT_OK;
 	dst_identity = dst ? dst->identity : ipcache_identity(flow->key.family, flow->key.daddr);
-	verdict = policy_enforce(skb, src, dst_identity, WEFT_DIR_EGRESS, flow, status == CT_NEW);
+	verdict = policy_enforce(skb, src, dst_identity, WEFT_DIR_EGRESS, flow, status == CT_NEW, proxy_port);
 	if (verdict != TC_ACT_OK)
 		return verdict;
-	if (dst && (dst->flags & WEFT_EP_F_LOCAL)) {
-		verdict = policy_enforce(skb, dst, src->identity, WEFT_DIR_INGRESS, flow, status == CT_NEW);
+	/* A packet for the DNS proxy never reaches the destination pod: the proxy's own query
+	 * does, and that one meets the pod's ingress policy on its way. */
+	if (!*proxy_port && dst && (dst->flags & WEFT_EP_F_LOCAL)) {
+		verdict = policy_enforce(skb, dst, src->identity, WEFT_DIR_INGRESS, flow, status == CT_NEW,
+					 &ignored_port);
 		if (verdict != TC_ACT_OK)
 			return verdict;
 	}
@@ -89,6 +97,7 @@ static __always_inline int from_container_v4(struct __sk_buff *skb)
 	const struct weft_ep_value *src, *dst;
 	struct iphdr *ip = ipv4_hdr(skb);
 	struct weft_flow flow = {};
+	__u16 proxy_port = 0;
 	int verdict;
 
 	if (!ip) {
@@ -111,9 +120,11 @@ static __always_inline int from_container_v4(struct __sk_buff *skb)
 		metric_inc(WEFT_M_DROP_INVALID, skb->len);
 		return TC_ACT_SHOT;
 	}
-	verdict = enforce_from_container(skb, src, dst, &flow);
+	verdict = enforce_from_container(skb, src, dst, &flow, &proxy_port);
 	if (verdict != TC_ACT_OK)
 		return verdict;
+	if (proxy_port)
+		return proxy_redirect(skb, &flow, proxy_port);
 	/* Policy code may not move packet data, but the pointer is re-derived to be sure. */
 	ip = ipv4_hdr(skb);
 	if (!ip)
@@ -136,6 +147,7 @@ static __always_inline int from_container_v6(struct __sk_buff *skb)
 	const struct weft_ep_value *src, *dst;
 	struct ipv6hdr *ip6 = ipv6_hdr(skb);
 	struct weft_flow flow = {};
+	__u16 proxy_port = 0;
 	int verdict;
 
 	if (!ip6) {
@@ -170,9 +182,11 @@ static __always_inline int from_container_v6(struct __sk_buff *skb)
 		metric_inc(WEFT_M_DROP_INVALID, skb->len);
 		return TC_ACT_SHOT;
 	}
-	verdict = enforce_from_container(skb, src, dst, &flow);
+	verdict = enforce_from_container(skb, src, dst, &flow, &proxy_port);
 	if (verdict != TC_ACT_OK)
 		return verdict;
+	if (proxy_port)
+		return proxy_redirect(skb, &flow, proxy_port);
 	ip6 = ipv6_hdr(skb);
 	if (!ip6)
 		return TC_ACT_SHOT;
@@ -215,6 +229,7 @@ int from_container(struct __sk_buff *skb)
 static __always_inline int enforce_to_container(struct __sk_buff *skb, struct weft_flow *flow)
 {
 	const struct weft_ep_value *dst;
+	__u16 ignored_port = 0;
 	enum ct_status status;
 	int verdict;
 
@@ -225,7 +240,7 @@ static __always_inline int enforce_to_container(struct __sk_buff *skb, struct we
 	if (status == CT_REPLY || status == CT_RELATED || flow_is_icmp6_nd(flow))
 		return TC_ACT_OK;
 	verdict = policy_enforce(skb, dst, ipcache_identity(flow->key.family, flow->key.saddr), WEFT_DIR_INGRESS,
-				 flow, status == CT_NEW);
+				 flow, status == CT_NEW, &ignored_port);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (status == CT_NEW)

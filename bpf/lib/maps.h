@@ -2,7 +2,8 @@
 /*
  * Every map of the datapath, declared in one place. All are pinned by name
  * (LIBBPF_PIN_BY_NAME) under the node's pin directory, so a restarted agent reopens the same
- * maps and the programs keep their state while no agent runs. The agent is the only writer.
+ * maps and the programs keep their state while no agent runs. The agent is the only writer of
+ * every map but weft_fqdn, which the DNS proxy writes.
  *
  * Changing a map's type, key/value size or max_entries makes libbpf refuse to reuse the pin
  * of an older build ("couldn't reuse pinned map"): such a change needs a migration.
@@ -70,5 +71,16 @@ struct {
 	__uint(max_entries, WEFT_CT_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_ct SEC(".maps");
+
+/* Addresses the DNS proxy learned per endpoint (see struct weft_fqdn_key). Written by the DNS
+ * proxy, not the agent: it keeps working while the agent is away. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct weft_fqdn_key);
+	__type(value, struct weft_fqdn_value);
+	__uint(max_entries, WEFT_FQDN_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_fqdn SEC(".maps");
 
 #endif

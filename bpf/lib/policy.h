@@ -19,7 +19,7 @@ enum policy_verdict {
 };
 
 static __always_inline enum policy_verdict policy_lookup(__u32 ep_id, __u32 identity, __u8 direction,
-							 const struct weft_flow *flow)
+							 const struct weft_flow *flow, __u16 *proxy_port)
 {
 	struct weft_policy_key key = {};
 	struct weft_policy_value *peer, *any;
@@ -35,13 +35,53 @@ static __always_inline enum policy_verdict policy_lookup(__u32 ep_id, __u32 iden
 	any = bpf_map_lookup_elem(&weft_policy, &key);
 	if ((peer && peer->deny) || (any && any->deny))
 		return POLICY_DENY;
+	/* A DNS rule on the port sends the packet to the proxy whichever entry carries it, as
+	 * Cilium's redirects take precedence over plain allows that cover the same traffic. */
+	if (peer && peer->proxy_port)
+		*proxy_port = peer->proxy_port;
+	else if (any && any->proxy_port)
+		*proxy_port = any->proxy_port;
 	return (peer || any) ? POLICY_ALLOW : POLICY_NO_MATCH;
 }
 
+/*
+ * toFQDNs: the addresses the DNS proxy learned for this endpoint, each with the FQDN selectors
+ * (identities of their own) whose names resolved to it. A slot opens new connections until it
+ * expires; packets of a connection already tracked pass while the proxy keeps the entry.
+ */
+static __always_inline enum policy_verdict fqdn_lookup(__u32 ep_id, const struct weft_flow *flow, int ct_new)
+{
+	struct weft_fqdn_key key = {};
+	struct weft_fqdn_value *v;
+	__u16 ignored_port = 0;
+	__u64 now;
+	int i;
+
+	key.ep_id = ep_id;
+	key.family = flow->key.family;
+	__builtin_memcpy(key.addr, flow->key.daddr, 16);
+	v = bpf_map_lookup_elem(&weft_fqdn, &key);
+	if (!v)
+		return POLICY_NO_MATCH;
+	now = bpf_ktime_get_ns();
+#pragma unroll
+	for (i = 0; i < WEFT_FQDN_SLOTS; i++) {
+		__u32 sel = v->slots[i].selector_identity;
+
+		if (!sel || (ct_new && v->slots[i].expires_ns < now))
+			continue;
+		if (policy_lookup(ep_id, sel, WEFT_DIR_EGRESS, flow, &ignored_port) == POLICY_ALLOW)
+			return POLICY_ALLOW;
+	}
+	return POLICY_NO_MATCH;
+}
+
 /* The verdict of `ep` (a local endpoint) for a packet in `direction` to or from `peer_identity`.
- * Returns TC_ACT_OK, or TC_ACT_SHOT after counting the drop with its reason. */
+ * Returns TC_ACT_OK, or TC_ACT_SHOT after counting the drop with its reason. *proxy_port is set
+ * when an allowing entry asks for the packet to go to the DNS proxy. */
 static __always_inline int policy_enforce(struct __sk_buff *skb, const struct weft_ep_value *ep, __u32 peer_identity,
-					  __u8 direction, const struct weft_flow *flow, int ct_status_new)
+					  __u8 direction, const struct weft_flow *flow, int ct_status_new,
+					  __u16 *proxy_port)
 {
 	__u32 flag = direction == WEFT_DIR_INGRESS ? WEFT_EP_F_INGRESS_ENFORCED : WEFT_EP_F_EGRESS_ENFORCED;
 	enum policy_verdict verdict;
@@ -51,14 +91,19 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct we
 		 * still applies (deny rules select endpoints too). Endpoints without deny entries
 		 * skip the lookups: no policy, no per-packet cost. */
 		if (!(ep->flags & WEFT_EP_F_HAS_DENY) ||
-		    policy_lookup(ep->ep_id, peer_identity, direction, flow) != POLICY_DENY)
+		    policy_lookup(ep->ep_id, peer_identity, direction, flow, proxy_port) != POLICY_DENY)
 			return TC_ACT_OK;
 		metric_inc(WEFT_M_DROP_POLICY_DENY, skb->len);
 		return TC_ACT_SHOT;
 	}
-	verdict = policy_lookup(ep->ep_id, peer_identity, direction, flow);
+	verdict = policy_lookup(ep->ep_id, peer_identity, direction, flow, proxy_port);
 	if (verdict == POLICY_ALLOW)
 		return TC_ACT_OK;
+	if (verdict == POLICY_NO_MATCH && direction == WEFT_DIR_EGRESS && (ep->flags & WEFT_EP_F_FQDN) &&
+	    fqdn_lookup(ep->ep_id, flow, ct_status_new) == POLICY_ALLOW) {
+		metric_inc(WEFT_M_FQDN_ALLOW, skb->len);
+		return TC_ACT_OK;
+	}
 	if (verdict == POLICY_DENY)
 		metric_inc(WEFT_M_DROP_POLICY_DENY, skb->len);
 	else if (ct_status_new && flow->key.proto == IPPROTO_TCP && !(flow->tcp_flags & TCP_FLAG_SYN))

@@ -38,6 +38,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "weft_ipcache_value": abi.IpcacheValue,
     "weft_ct_key": abi.CtKey,
     "weft_ct_value": abi.CtValue,
+    "weft_fqdn_key": abi.FqdnKey,
+    "weft_fqdn_slot": abi.FqdnSlot,
+    "weft_fqdn_value": abi.FqdnValue,
 }
 # map name -> (C key type name, C value type name, max_entries constant in the mirror)
 MAPS: dict[str, tuple[str, str, int]] = {
@@ -47,6 +50,7 @@ MAPS: dict[str, tuple[str, str, int]] = {
     "weft_policy": ("weft_policy_key", "weft_policy_value", abi.POLICY_MAX),
     "weft_ipcache": ("weft_ipcache_key", "weft_ipcache_value", abi.IPCACHE_MAX),
     "weft_ct": ("weft_ct_key", "weft_ct_value", abi.CT_MAX),
+    "weft_fqdn": ("weft_fqdn_key", "weft_fqdn_value", abi.FQDN_MAX),
 }
 
 

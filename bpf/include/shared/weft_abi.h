@@ -25,6 +25,7 @@
 #define WEFT_POLICY_MAX 65536
 #define WEFT_IPCACHE_MAX 65536
 #define WEFT_CT_MAX 131072
+#define WEFT_FQDN_MAX 65536
 
 /* Endpoint map key: one entry per pod address. IPv4 sits in addr[0..3], the rest zero. */
 struct weft_ep_key {
@@ -40,6 +41,9 @@ _Static_assert(sizeof(struct weft_ep_key) == 20, "weft_ep_key size");
 #define WEFT_EP_F_EGRESS_ENFORCED 0x4
 /* The endpoint has deny entries: looked up even in a direction it does not enforce. */
 #define WEFT_EP_F_HAS_DENY 0x8
+/* The endpoint's egress policy has toFQDNs selectors: what no entry allows may still be allowed
+ * through an address the DNS proxy learned for it (weft_fqdn). */
+#define WEFT_EP_F_FQDN 0x10
 
 struct weft_ep_value {
 	__u32 ifindex;     /* host-side veth, in the node's netns */
@@ -84,7 +88,10 @@ enum weft_metric {
 	WEFT_M_CT_NEW = 15,              /* a connection's first packet (an entry was created) */
 	WEFT_M_CT_REPLY = 16,            /* reply of a tracked connection: passes without policy */
 	WEFT_M_CT_RELATED = 17,          /* ICMP error about a tracked connection: passes too */
-	WEFT_M__COUNT = 18,
+	WEFT_M_REDIRECT_DNS_PROXY = 18,  /* a DNS packet handed to the node's DNS proxy */
+	WEFT_M_DROP_PROXY_DOWN = 19,     /* policy redirects it to the DNS proxy, which has no socket */
+	WEFT_M_FQDN_ALLOW = 20,          /* allowed through an address the DNS proxy learned */
+	WEFT_M__COUNT = 21,
 };
 
 #define WEFT_DIR_INGRESS 0
@@ -110,8 +117,10 @@ _Static_assert(sizeof(struct weft_policy_key) == 16, "weft_policy_key size");
 
 struct weft_policy_value {
 	__u8 deny;
-	__u8 pad[3];
-	__u32 cookie; /* opaque to the datapath: which rule this came from */
+	__u8 pad;
+	__u16 proxy_port; /* host order; non-zero: allowed, but handed to the node's DNS proxy on this
+			   * port (a rule with toPorts.rules.dns) instead of forwarded */
+	__u32 cookie;     /* opaque to the datapath: which rule this came from */
 };
 _Static_assert(sizeof(struct weft_policy_value) == 8, "weft_policy_value size");
 
@@ -156,5 +165,41 @@ struct weft_ct_value {
 	__u32 pad;
 };
 _Static_assert(sizeof(struct weft_ct_value) == 40, "weft_ct_value size");
+
+/* skb->mark of a packet handed to the DNS proxy: the node's routing rules deliver packets with
+ * this mark locally (fwmark WEFT_MARK_TO_PROXY/WEFT_MARK_MASK -> table WEFT_PROXY_ROUTE_TABLE,
+ * "local default dev lo"), where the socket the datapath assigned receives them. */
+#define WEFT_MARK_TO_PROXY 0x0a00
+#define WEFT_MARK_MASK 0x0f00
+#define WEFT_PROXY_ROUTE_TABLE 2005
+
+/*
+ * Addresses the DNS proxy learned for an endpoint (toFQDNs): {endpoint, address} -> up to
+ * WEFT_FQDN_SLOTS FQDN selectors whose names resolved to it. Each selector has an identity of
+ * its own (allocated by the agent, node-local) with ordinary policy entries; the datapath looks
+ * those up for a packet no other entry allows. A slot past expires_ns (CLOCK_MONOTONIC, as
+ * bpf_ktime_get_ns) no longer opens connections, but packets of a connection already tracked
+ * still pass: the proxy removes the entry once no such connection is left.
+ */
+#define WEFT_FQDN_SLOTS 4
+struct weft_fqdn_key {
+	__u32 ep_id;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct weft_fqdn_key) == 24, "weft_fqdn_key size");
+
+struct weft_fqdn_slot {
+	__u32 selector_identity; /* 0 = empty slot */
+	__u32 pad;
+	__u64 expires_ns;
+};
+_Static_assert(sizeof(struct weft_fqdn_slot) == 16, "weft_fqdn_slot size");
+
+struct weft_fqdn_value {
+	struct weft_fqdn_slot slots[WEFT_FQDN_SLOTS];
+};
+_Static_assert(sizeof(struct weft_fqdn_value) == 64, "weft_fqdn_value size");
 
 #endif /* WEFT_SHARED_ABI_H */

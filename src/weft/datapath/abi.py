@@ -28,6 +28,12 @@ EP_F_HAS_DENY = 0x8  # WEFT_EP_F_HAS_DENY
 POLICY_MAX = 65536  # WEFT_POLICY_MAX
 IPCACHE_MAX = 65536  # WEFT_IPCACHE_MAX
 CT_MAX = 131072  # WEFT_CT_MAX
+FQDN_MAX = 65536  # WEFT_FQDN_MAX
+FQDN_SLOTS = 4  # WEFT_FQDN_SLOTS
+EP_F_FQDN = 0x10  # WEFT_EP_F_FQDN: egress may be allowed through weft_fqdn
+MARK_TO_PROXY = 0x0A00  # WEFT_MARK_TO_PROXY: skb->mark of packets handed to the DNS proxy
+MARK_MASK = 0x0F00  # WEFT_MARK_MASK
+PROXY_ROUTE_TABLE = 2005  # WEFT_PROXY_ROUTE_TABLE: "local default dev lo" for marked packets
 DIR_INGRESS = 0  # WEFT_DIR_INGRESS
 DIR_EGRESS = 1  # WEFT_DIR_EGRESS
 POLICY_FIXED_BITS = 72  # WEFT_POLICY_FIXED_BITS
@@ -123,6 +129,9 @@ class Metric(IntEnum):
     CT_NEW = 15  # a connection's first packet
     CT_REPLY = 16  # reply of a tracked connection (passes without policy)
     CT_RELATED = 17  # ICMP error about a tracked connection
+    REDIRECT_DNS_PROXY = 18  # a DNS packet handed to the node's DNS proxy
+    DROP_PROXY_DOWN = 19  # policy redirects it to the DNS proxy, which has no socket
+    FQDN_ALLOW = 20  # allowed through an address the DNS proxy learned
 
     @property
     def counter_name(self) -> str:
@@ -130,7 +139,7 @@ class Metric(IntEnum):
         return self.name.lower()
 
 
-METRIC_COUNT = 18  # WEFT_M__COUNT
+METRIC_COUNT = 21  # WEFT_M__COUNT
 
 # Why a packet was dropped, in words (Hubble's drop_reason_desc style), by metric.
 DROP_REASONS: dict[Metric, str] = {
@@ -140,6 +149,7 @@ DROP_REASONS: dict[Metric, str] = {
     Metric.DROP_POLICY_EGRESS: "POLICY_DENIED",
     Metric.DROP_POLICY_DENY: "POLICY_DENY",
     Metric.DROP_CT_MISSING: "CT_NO_MAP_FOUND",
+    Metric.DROP_PROXY_DOWN: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
 }
 
 
@@ -171,9 +181,11 @@ class PolicyKey(ctypes.Structure):
 
 
 class PolicyValue(ctypes.Structure):
-    """``struct weft_policy_value { __u8 deny; __u8 pad[3]; __u32 cookie; }``"""
+    """``struct weft_policy_value { __u8 deny; __u8 pad; __u16 proxy_port; __u32 cookie; }``
+    (proxy_port in host order; non-zero: hand the packet to the DNS proxy on that port)."""
 
-    _fields_ = [("deny", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3), ("cookie", ctypes.c_uint32)]
+    _fields_ = [("deny", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("proxy_port", ctypes.c_uint16),
+                ("cookie", ctypes.c_uint32)]
 
 
 class IpcacheKey(ctypes.Structure):
@@ -224,6 +236,37 @@ class CtValue(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
     ]
+
+class FqdnKey(ctypes.Structure):
+    """``struct weft_fqdn_key { __u32 ep_id; __u8 family; __u8 pad[3]; __u8 addr[16]; }``"""
+
+    _fields_ = [("ep_id", ctypes.c_uint32), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("addr", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, ep_id: int, ip: IPAddress) -> FqdnKey:
+        key = cls(ep_id=ep_id, family=FAMILY_V4 if ip.version == 4 else FAMILY_V6)
+        packed = ip.packed
+        ctypes.memmove(key.addr, packed, len(packed))
+        return key
+
+    def ip(self) -> IPAddress:
+        raw = bytes(self.addr)
+        return ipaddress.IPv4Address(raw[:4]) if self.family == FAMILY_V4 else ipaddress.IPv6Address(raw)
+
+
+class FqdnSlot(ctypes.Structure):
+    """``struct weft_fqdn_slot { __u32 selector_identity; __u32 pad; __u64 expires_ns; }``
+    (selector_identity 0 = empty; expires_ns on CLOCK_MONOTONIC, i.e. ``time.monotonic_ns()``)."""
+
+    _fields_ = [("selector_identity", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("expires_ns", ctypes.c_uint64)]
+
+
+class FqdnValue(ctypes.Structure):
+    """``struct weft_fqdn_value { struct weft_fqdn_slot slots[WEFT_FQDN_SLOTS]; }``"""
+
+    _fields_ = [("slots", FqdnSlot * FQDN_SLOTS)]
+
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 

@@ -27,7 +27,7 @@ from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container")
-MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct")
+MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn")
 # One fixed priority and handle: `replace` finds the filter by both, so a re-attach swaps the
 # program in place (no moment without a filter) instead of adding a second one.
 TC_PRIO = 1
@@ -71,6 +71,7 @@ class PolicyMapKey:
 class PolicyMapValue:
     deny: bool
     cookie: int = 0
+    proxy_port: int = 0  # non-zero: allowed, handed to the DNS proxy on this port
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ class NodeDatapath:
         for pkey, pvalue in policy.items():
             mk = PolicyMapKey(int(pkey.direction), int(pkey.identity), int(pkey.proto), pkey.port(),
                               max(0, int(pkey.prefixlen) - abi.POLICY_FIXED_BITS - 8) if pkey.proto else 0)
-            self._policy_cache.setdefault(int(pkey.ep_id), {})[mk] = PolicyMapValue(bool(pvalue.deny),
-                                                                                     int(pvalue.cookie))
+            self._policy_cache.setdefault(int(pkey.ep_id), {})[mk] = PolicyMapValue(
+                bool(pvalue.deny), int(pvalue.cookie), int(pvalue.proxy_port))
         self._prog_fds = prog_fds
         self._by_ifindex = {}
         for key, value in endpoints.items():
@@ -351,10 +352,11 @@ class NodeDatapath:
         for want_deny in (True, False):
             for key, value in sorted(changed.items()):
                 if value.deny == want_deny:
-                    policy[self._policy_key(ep_id, key)] = abi.PolicyValue(deny=int(value.deny), cookie=value.cookie)
+                    policy[self._policy_key(ep_id, key)] = abi.PolicyValue(deny=int(value.deny), cookie=value.cookie,
+                                                                                    proxy_port=value.proxy_port)
                     current[key] = value
                     written += 1
-        enforce = flags & (abi.EP_F_INGRESS_ENFORCED | abi.EP_F_EGRESS_ENFORCED)
+        enforce = flags & (abi.EP_F_INGRESS_ENFORCED | abi.EP_F_EGRESS_ENFORCED | abi.EP_F_FQDN)
         stale_deny = any(current[k].deny for k in stale)
         # HAS_DENY stays on while any deny entry, new or stale, is in the map.
         write_flags(enforce | (abi.EP_F_HAS_DENY if has_deny or stale_deny else 0))

@@ -23,6 +23,8 @@ V = TypeVar("V", bound=ctypes.Structure)
 # BPF map types we open by path (linux/bpf.h enum bpf_map_type).
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
 
 
 def _check_layout(fd: int, path: str, map_type: int, key_size: int, value_size: int) -> int:
@@ -56,10 +58,12 @@ class BpfHashMap(MutableMapping[K, V], Generic[K, V]):
         self._owns_fd = owns_fd
 
     @classmethod
-    def open_pinned(cls, path: str, key_type: type[K], value_type: type[V]) -> BpfHashMap[K, V]:
+    def open_pinned(cls, path: str, key_type: type[K], value_type: type[V],
+                    map_type: int = BPF_MAP_TYPE_HASH) -> BpfHashMap[K, V]:
+        """``map_type``: what the pin must be (hash, LRU hash or LPM trie: all key/value maps)."""
         fd = libbpf.obj_get(path)
         try:
-            _check_layout(fd, path, BPF_MAP_TYPE_HASH, ctypes.sizeof(key_type), ctypes.sizeof(value_type))
+            _check_layout(fd, path, map_type, ctypes.sizeof(key_type), ctypes.sizeof(value_type))
         except BaseException:
             os.close(fd)
             raise
