@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from weft.dnsproxy.config import DnsProxySettings
 from weft.ipam.pool import IPFamilies
 
 
@@ -25,6 +26,8 @@ class NodeConfig(BaseModel):
     mtu: int = Field(default=1500, ge=1280, le=65535)
     gc_interval_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # The node's DNS proxy (a process of its own, reading this same file).
+    dns_proxy: DnsProxySettings = Field(default_factory=DnsProxySettings)
 
     @field_validator("pod_block_v4", "pod_block_v6")
     @classmethod
