@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.agent.config import NodeConfig
 from weft.agent.errors import (
     ALREADY_EXISTS,
@@ -34,7 +35,8 @@ from weft.agent.policy import PolicyController
 from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
-from weft.ipam.pool import PoolExhausted, gateway_of
+from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
+from weft.ipam.pool import PoolExhausted, default_pools, gateway_of
 from weft.types.addresses import IPAddress
 from weft.types.labels import format_labels, pod_labels
 
@@ -50,11 +52,28 @@ class EndpointManager:
         self.state: AgentState = self.store.load(self.blocks)
         self.started_at = time.time()
         self.last_reconcile: dict[str, Any] = {}
-        self.policy = PolicyController(self.state, datapath, self._entries, self._save)
+        self.policy = PolicyController(
+            self.state, datapath, self._entries, self._save, proxy=config.dns_proxy,
+            publish_proxy_rules=self._publish_proxy_rules,
+            cluster_cidrs=sorted({str(pool.cidr) for pool in default_pools().values()}
+                                 | {str(block) for block in self.blocks.values()}),
+        )
         self.reaper = veth.LinkReaper()
 
     def _save(self) -> None:
         self.store.save(self.state)
+
+    def _publish_proxy_rules(self, rules: ProxyRules) -> None:
+        """The DNS proxy's rules: written to its file first (a proxy that is down or restarting
+        reads it when it starts), then a best-effort reload request."""
+        rules.write(rules_path(self.config.state_dir))
+        sock = self.config.dns_proxy.socket_path or default_socket_path(self.config.state_dir)
+        if not sock.exists():
+            return
+        try:
+            AgentClient(sock, timeout=2.0).call("reload")
+        except (AgentUnavailable, AgentCallError, OSError) as exc:
+            log.warning("DNS proxy did not take the new rules now (it reads them when it starts): %s", exc)
 
     # ---------------------------------------------------------------- CNI verbs
     def cni_add(self, p: dict[str, Any]) -> dict[str, Any]:

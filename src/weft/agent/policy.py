@@ -17,7 +17,9 @@ from weft.agent.errors import BAD_REQUEST, INVALID_CONFIG, AgentError
 from weft.agent.state import EP_READY, AgentState, EndpointRecord
 from weft.datapath import abi
 from weft.datapath.loader import EndpointEntry, NodeDatapath, PolicyMapKey, PolicyMapValue
+from weft.dnsproxy.config import DnsProxySettings, EndpointRules, ProxyRules
 from weft.policy import EndpointPolicy, EndpointSubject, Policy, PolicyError, PolicyRepository, load_policies, trace
+from weft.policy.selectors import FQDNSelector, fqdn_labels
 from weft.types.labels import LabelSet
 
 log = logging.getLogger("weft.agent.policy")
@@ -26,13 +28,21 @@ PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
 class PolicyController:
     def __init__(self, state: AgentState, datapath: NodeDatapath,
-                 entries_of: Callable[[EndpointRecord], list[EndpointEntry]], save: Callable[[], None]) -> None:
+                 entries_of: Callable[[EndpointRecord], list[EndpointEntry]], save: Callable[[], None],
+                 proxy: DnsProxySettings | None = None, publish_proxy_rules: Callable[[ProxyRules], None] | None = None,
+                 cluster_cidrs: list[str] | None = None) -> None:
         self.state = state
         self.datapath = datapath
         self.entries_of = entries_of
         self.save = save
         self.repo = PolicyRepository()
         self.flags: dict[int, int] = {}
+        self.proxy = proxy or DnsProxySettings()
+        self.publish_proxy_rules = publish_proxy_rules
+        self.cluster_cidrs = list(cluster_cidrs or [])
+        # What the DNS proxy is told per endpoint (only endpoints with DNS rules or toFQDNs).
+        self.proxy_rules: dict[int, EndpointRules] = {}
+        self._published: ProxyRules | None = None
         stored = [p for doc in state.policies for p in self._parse([("agent state", json.dumps(doc))])]
         if stored:
             self.repo.apply(stored)
@@ -131,15 +141,67 @@ class PolicyController:
             return  # no policy anywhere: nothing to write, and the fast path for CNI ADD
         policy = self.resolve(record, peer_ports, sync)
         flags = (abi.EP_F_INGRESS_ENFORCED if policy.ingress_enforced else 0) | (
-            abi.EP_F_EGRESS_ENFORCED if policy.egress_enforced else 0)
+            abi.EP_F_EGRESS_ENFORCED if policy.egress_enforced else 0) | (
+            abi.EP_F_FQDN if policy.fqdn_selectors and policy.egress_enforced else 0)
+        redirect_port = self.proxy.port if self.proxy.enabled else 0
         desired = {PolicyMapKey(k.direction, k.identity, k.proto, k.port, k.port_prefix_len):
-                   PolicyMapValue(v.deny) for k, v in policy.entries.items()}
+                   PolicyMapValue(v.deny, proxy_port=redirect_port if v.redirect else 0)
+                   for k, v in policy.entries.items()}
         self.flags[record.ep_id] = flags
+        self._note_proxy_rules(record, policy)
         self.datapath.apply_endpoint_policy(self.entries_of(record), flags, desired)
+        if not sync:
+            return  # a regeneration publishes once, at its end
+        self.publish()
+
+    # ------------------------------------------------------------------ DNS proxy
+    def _note_proxy_rules(self, record: EndpointRecord, policy: EndpointPolicy) -> None:
+        if not (policy.dns_rules or policy.fqdn_selectors) or not policy.egress_enforced:
+            self.proxy_rules.pop(record.ep_id, None)
+            return
+        self.proxy_rules[record.ep_id] = EndpointRules.model_validate({
+            "ep_id": record.ep_id, "pod": f"{record.pod_namespace}/{record.pod_name}", "identity": record.identity,
+            "addresses": list(record.addresses),
+            "dns_rules": [{"peers": None if r.peers is None else sorted(r.peers),
+                           "protocol": r.protos[0] if len(r.protos) == 1 else 0, "port": r.first,
+                           "end_port": r.last if r.last != r.first else None,
+                           "names": [{kind: value} for kind, value in r.names], "rule": r.origin}
+                          for r in policy.dns_rules],
+            "fqdn_selectors": [{"identity": ident, "selector": {kind: value}}
+                               for (kind, value), ident in policy.fqdn_selectors],
+        })
+
+    def publish(self) -> None:
+        """Hand the DNS proxy its rules when they changed (the proxy keeps the last ones it got
+        while the agent is away)."""
+        if self.publish_proxy_rules is None:
+            return
+        rules = ProxyRules(revision=self.repo.revision, cluster_cidrs=self.cluster_cidrs,
+                           endpoints=[self.proxy_rules[k] for k in sorted(self.proxy_rules)])
+        if self._published is not None and self._published.endpoints == rules.endpoints \
+                and self._published.cluster_cidrs == rules.cluster_cidrs:
+            return
+        self.publish_proxy_rules(rules)
+        self._published = rules
+
+    def sync_fqdn_identities(self) -> bool:
+        """One node-local identity per toFQDNs selector the policies use (labels
+        ``fqdn:<name or pattern>``), kept in the agent's persisted identities so the numbers the
+        DNS proxy wrote into weft_fqdn stay valid across restarts. Returns whether any changed."""
+        wanted = {fqdn_labels(sel) for sel in self.repo.cache.selectors() if isinstance(sel, FQDNSelector)}
+        have = {labels for labels in self.state.identities.by_labels
+                if any(label.source == "fqdn" for label in labels)}
+        for labels in wanted - have:
+            self.state.identities.acquire(labels, local=True)
+        for labels in have - wanted:
+            self.state.identities.release(self.state.identities.by_labels[labels])
+        return wanted != have
 
     def regenerate(self, exclude: EndpointRecord | None = None) -> None:
         """Every ready endpoint's policy and the node's CIDR identities, after anything that can
         change them: policies, identities (labels), endpoints coming and going."""
+        if self.sync_fqdn_identities():
+            self.save()
         cidrs = {ipaddress.ip_network(prefix): ident for prefix, ident in self.repo.cidr_identities().items()}
         # New CIDR identities before the entries that use them, stale ones after.
         self.datapath.sync_ipcache({**self._current_ipcache(), **cidrs})
@@ -149,6 +211,7 @@ class PolicyController:
             if record.state == EP_READY and record is not exclude:
                 self.program(record, peer_ports, sync=False)
         self.datapath.sync_ipcache(cidrs)
+        self.publish()
 
     def _current_ipcache(self) -> dict[Any, int]:
         try:
@@ -159,6 +222,8 @@ class PolicyController:
     def forget(self, record: EndpointRecord) -> None:
         self.flags.pop(record.ep_id, None)
         self.datapath.delete_endpoint_policy(record.ep_id)
+        if self.proxy_rules.pop(record.ep_id, None) is not None:
+            self.publish()
 
     def trace(self, p: dict[str, Any], find: Callable[[str], EndpointRecord | None]) -> dict[str, Any]:
         """``weft policy trace``: src and dst are "ns/pod" of this node, or an address."""

@@ -25,6 +25,10 @@ RESERVED: dict[str, int] = {
 CLUSTER_MIN = 256
 CLUSTER_MAX = 65535
 LOCAL_MIN = 1 << 24
+# toFQDNs selector identities: node-local, apart from the CIDR identities that count up from
+# LOCAL_MIN, so neither numbering can run into the other.
+FQDN_MIN = LOCAL_MIN + (1 << 22)
+FQDN_MAX = LOCAL_MIN + (1 << 23) - 1
 
 
 class IdentityExhausted(Exception):
@@ -38,13 +42,16 @@ class IdentityAllocator:
     by_labels: dict[LabelSet, int] = field(default_factory=dict)
     refs: dict[int, int] = field(default_factory=dict)
 
-    def acquire(self, labels: LabelSet) -> int:
+    def acquire(self, labels: LabelSet, local: bool = False) -> int:
+        """The identity of ``labels``, allocated if new: a cluster identity, or with ``local``
+        a node-local one (toFQDNs selectors) from FQDN_MIN."""
         ident = self.by_labels.get(labels)
         if ident is None:
             used = set(self.by_labels.values())
-            ident = next((i for i in range(CLUSTER_MIN, CLUSTER_MAX + 1) if i not in used), None)
+            first, last = (FQDN_MIN, FQDN_MAX) if local else (CLUSTER_MIN, CLUSTER_MAX)
+            ident = next((i for i in range(first, last + 1) if i not in used), None)
             if ident is None:
-                raise IdentityExhausted("all cluster identities 256-65535 are in use")
+                raise IdentityExhausted(f"all {'local' if local else 'cluster'} identities {first}-{last} are in use")
             self.by_labels[labels] = ident
         self.refs[ident] = self.refs.get(ident, 0) + 1
         return ident

@@ -75,6 +75,23 @@ class PolicyKey:
 class PolicyVerdict:
     deny: bool
     rules: tuple[str, ...]  # which rules produced it, e.g. "cnp default/allow-web ingress[0]", for policy trace
+    # Allowed, but handed to the node's DNS proxy (a toPorts item with DNS rules covers it).
+    redirect: bool = False
+
+
+@dataclass(frozen=True)
+class DnsRuleSpec:
+    """What the DNS proxy needs of one egress rule on a redirected port: queries to ``peers``
+    (identities; None = any peer) with a protocol of ``protos`` to a port in ``first..last``
+    are allowed for names matching ``names`` (("matchName"|"matchPattern", value) pairs); no
+    names: every name (a rule without DNS rules on a port another rule redirects)."""
+
+    peers: frozenset[int] | None
+    protos: tuple[int, ...]
+    first: int
+    last: int
+    names: tuple[tuple[str, str], ...]
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,13 @@ class EndpointPolicy:
     egress_enforced: bool
     entries: Mapping[PolicyKey, PolicyVerdict]
     cidr_identities: Mapping[str, int]  # CIDR prefix (str) -> local identity used in entries
+    # toFQDNs selectors of the egress allow rules: (("matchName"|"matchPattern", value), identity)
+    fqdn_selectors: tuple[tuple[tuple[str, str], int], ...] = ()
+    dns_rules: tuple[DnsRuleSpec, ...] = ()  # for the DNS proxy, when any entry redirects
+
+    @property
+    def redirects(self) -> bool:
+        return any(v.redirect for v in self.entries.values())
 
     @property
     def has_deny(self) -> bool:
@@ -113,8 +137,9 @@ class MapStateBuilder:
     """Collects entries while rules are resolved, then applies deny precedence."""
 
     entries: dict[PolicyKey, tuple[bool, list[str]]] = field(default_factory=dict)
+    redirects: set[PolicyKey] = field(default_factory=set)
 
-    def add(self, key: PolicyKey, deny: bool, rule: str) -> None:
+    def add(self, key: PolicyKey, deny: bool, rule: str, redirect: bool = False) -> None:
         if key.proto == PROTO_ANY and (key.port or key.port_prefix_len):
             raise ValueError(f"{key}: a port needs a protocol")
         if key.port_prefix_len < 16:
@@ -122,6 +147,8 @@ class MapStateBuilder:
             mask = (0xFFFF << (16 - key.port_prefix_len)) & 0xFFFF if key.port_prefix_len else 0
             if key.port & ~mask:
                 key = PolicyKey(key.direction, key.identity, key.proto, key.port & mask, key.port_prefix_len)
+        if redirect and not deny:
+            self.redirects.add(key)
         old = self.entries.get(key)
         if old is None:
             self.entries[key] = (deny, [rule])
@@ -138,7 +165,7 @@ class MapStateBuilder:
         for key, (deny, rules) in self.entries.items():
             if not deny and _covered(key, denies):
                 continue
-            out[key] = PolicyVerdict(deny, tuple(rules))
+            out[key] = PolicyVerdict(deny, tuple(rules), not deny and key in self.redirects)
         return out
 
 

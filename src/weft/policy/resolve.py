@@ -23,6 +23,7 @@ Compilation applies Cilium's and Kubernetes' meaning once, when a policy enters 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from weft.policy.mapstate import (
     PROTO_TCP,
     PROTO_UDP,
     PROTOCOL_NUMBERS,
+    DnsRuleSpec,
     EndpointPolicy,
     MapStateBuilder,
     PolicyKey,
@@ -72,6 +74,9 @@ class PortMatch:
     first: int = 0
     last: int = 65535
     name: str | None = None
+    # toPorts[].rules.dns as ("matchName"|"matchPattern", value) pairs: non-empty = the traffic
+    # goes through the node's DNS proxy, which allows only these names.
+    dns: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -309,7 +314,8 @@ def _cilium_rule(
     if to_ports:
         ports = []
         for pr in to_ports:
-            ports.extend(_port_matches(pr.ports))
+            dns = _dns_rules(pr)
+            ports.extend(dataclasses.replace(pm, dns=dns) if dns else pm for pm in _port_matches(pr.ports))
     elif icmps:
         ports = _icmp_matches(icmps)
     if not peers:
@@ -322,6 +328,17 @@ def _cilium_rule(
             origin, direction, deny, subject, tuple(dict.fromkeys(peers)), tuple(ports) if ports is not None else None
         )
     ]
+
+
+def _dns_rules(pr: m.PortRuleBase) -> tuple[tuple[str, str], ...]:
+    rules = getattr(pr, "rules", None)
+    out: list[tuple[str, str]] = []
+    for d in (rules.dns if rules is not None else None) or []:
+        if d.matchName:
+            out.append(("matchName", d.matchName))
+        if d.matchPattern:
+            out.append(("matchPattern", d.matchPattern))
+    return tuple(dict.fromkeys(out))
 
 
 def _netpol_peer(peer: m.NetworkPolicyPeer, namespace: str) -> Selector:
@@ -414,25 +431,27 @@ def _keys_for(
     peer_ids: Iterable[int],
     subject_ports: NamedPorts,
     named_ports: Mapping[int, NamedPorts],
-) -> Iterable[PolicyKey]:
+) -> Iterable[tuple[PolicyKey, bool]]:
+    """The rule's keys for these peers, each with whether it redirects to the DNS proxy."""
     ids = sorted(set(peer_ids))
     if rule.ports is None:
         for ident in ids:
-            yield PolicyKey(rule.direction, ident, 0, 0, 0)
+            yield PolicyKey(rule.direction, ident, 0, 0, 0), False
         return
     for pm in rule.ports:
+        redirect = bool(pm.dns)
         if pm.name is None:
             blocks = port_range_prefixes(pm.first, pm.last) if (pm.first, pm.last) != (0, 65535) else [(0, 0)]
             for ident in ids:
                 for proto in pm.protos:
                     for port, plen in blocks:
-                        yield PolicyKey(rule.direction, ident, proto, port, plen)
+                        yield PolicyKey(rule.direction, ident, proto, port, plen), redirect
         elif rule.direction == INGRESS:
             # Ingress: the name is one of the selected endpoint's own container ports.
             hit = subject_ports.get(pm.name)
             if hit is not None and hit[0] in pm.protos:
                 for ident in ids:
-                    yield PolicyKey(rule.direction, ident, hit[0], hit[1], 16)
+                    yield PolicyKey(rule.direction, ident, hit[0], hit[1], 16), redirect
         else:
             # Egress: the name is a port of the destination, which may differ per peer.
             for ident in ids:
@@ -443,7 +462,35 @@ def _keys_for(
                 )
                 for hit in candidates:
                     if hit is not None and hit[0] in pm.protos:
-                        yield PolicyKey(rule.direction, ident, hit[0], hit[1], 16)
+                        yield PolicyKey(rule.direction, ident, hit[0], hit[1], 16), redirect
+
+
+DNS_PROTOS = (PROTO_UDP, PROTO_TCP)
+
+
+def _dns_specs(rules: Sequence[CompiledRule], selections: Sequence[set[int] | None]) -> tuple[DnsRuleSpec, ...]:
+    """The DNS proxy's view of the egress allow rules: every port item with DNS rules, and every
+    other port item of the same protocol overlapping a redirected port (those allow every name,
+    as a Cilium rule without L7 rules does on a port that has them). L3-only rules add nothing:
+    the redirect of a port takes precedence over them (Cilium's proxy-port priority)."""
+    redirected = [(pm.protos, pm.first, pm.last) for r in rules if r.direction == EGRESS and not r.deny
+                  for pm in (r.ports or ()) if pm.dns and pm.name is None]
+    if not redirected:
+        return ()
+    out: list[DnsRuleSpec] = []
+    for rule, peers in zip(rules, selections, strict=True):
+        if rule.direction != EGRESS or rule.deny or rule.ports is None:
+            continue
+        for pm in rule.ports:
+            protos = tuple(p for p in pm.protos if p in DNS_PROTOS)
+            if not protos or pm.name is not None:
+                continue
+            if not pm.dns and not any(set(protos) & set(rp) and pm.first <= last and first <= pm.last
+                                      for rp, first, last in redirected):
+                continue
+            out.append(DnsRuleSpec(None if peers is None else frozenset(peers), protos, pm.first, pm.last,
+                                   pm.dns, rule.origin))
+    return tuple(out)
 
 
 def resolve_rules(
@@ -463,15 +510,23 @@ def resolve_rules(
         egress_enforced |= e.egress
     rules = list(rules)
     builder = MapStateBuilder()
+    selections: list[set[int] | None] = []  # per rule: selected identities, None = any peer
+    fqdn: dict[tuple[str, str], int] = {}
     for rule in rules:
         ids: set[int] = set()
         for peer in rule.peers:
             if peer is WILDCARD:
                 ids.add(0)
             else:
-                ids |= cache.selection_view(peer)
-        for key in _keys_for(rule, ids, subject.named_ports, named_ports):
-            builder.add(key, rule.deny, rule.origin)
+                selected = cache.selection_view(peer)
+                ids |= selected
+                if isinstance(peer, FQDNSelector) and rule.direction == EGRESS and not rule.deny:
+                    pair = next(iter(peer.as_dict().items()))
+                    for ident in selected:
+                        fqdn.setdefault(pair, ident)
+        selections.append(None if 0 in ids else ids)
+        for key, redirect in _keys_for(rule, ids, subject.named_ports, named_ports):
+            builder.add(key, rule.deny, rule.origin, redirect)
     if allow_localhost and ingress_enforced:
         builder.add(PolicyKey(INGRESS, 1, 0, 0, 0), False, LOCALHOST_RULE)
     entries = builder.build()
@@ -486,7 +541,8 @@ def resolve_rules(
                 named.update(peer.excepts)
     cidrs = {p: i for i, p in cidr_by_identity.items() if i in used or p in named}
     cidrs = dict(sorted(cidrs.items(), key=lambda kv: prefix_sort_key(kv[0])))
-    return EndpointPolicy(ingress_enforced, egress_enforced, entries, cidrs)
+    return EndpointPolicy(ingress_enforced, egress_enforced, entries, cidrs,
+                          fqdn_selectors=tuple(sorted(fqdn.items())), dns_rules=_dns_specs(rules, selections))
 
 
 def prefix_sort_key(prefix: str) -> tuple[int, int, int]:

@@ -159,18 +159,39 @@ class CIDRSelector:
         return f"cidr:{self.cidr}" + (f" except {','.join(self.excepts)}" if self.excepts else "")
 
 
+def fqdn_label_key(name_or_pattern: str) -> str:
+    """The key of the ``fqdn:`` label standing for a toFQDNs selector (as Cilium writes it:
+    lower case, without the trailing dot)."""
+    return name_or_pattern.lower().rstrip(".")
+
+
 @dataclass(frozen=True)
 class FQDNSelector:
-    """``toFQDNs``: selects nothing until FQDN-learned identities exist (a later issue)."""
+    """``toFQDNs``: selects the identity the agent allocates for this selector (labels
+    ``fqdn:<name or pattern>``). That identity has ordinary policy entries; the DNS proxy
+    binds the addresses it learns for matching names to it, per endpoint (``weft_fqdn``).
+    ``matchName: x`` and ``matchPattern: x`` without a wildcard select the same names, and so
+    share one identity."""
 
     match_name: str | None = None
     match_pattern: str | None = None
 
+    @property
+    def label_key(self) -> str:
+        return fqdn_label_key(self.match_name or self.match_pattern or "")
+
     def matches(self, ident: IdentityLabels) -> bool:
-        return False
+        return any(source == "fqdn" for source, _ in ident.by_key.get(self.label_key, ()))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"matchName": self.match_name} if self.match_name else {"matchPattern": self.match_pattern or ""}
 
     def __str__(self) -> str:
-        return f"fqdn:{self.match_name or self.match_pattern}"
+        return f"fqdn:{self.label_key}"
+
+
+def fqdn_labels(selector: FQDNSelector) -> LabelSet:
+    return frozenset({Label("fqdn", selector.label_key, "")})
 
 
 @dataclass(frozen=True)
