@@ -6,8 +6,9 @@ selectors and the selector cache (``selectors``), the repository with its revisi
 CIDR identities (``repository``), rule compilation and resolution (``resolve``), the map-state
 types the datapath codes against (``mapstate``) and ``weft policy trace`` (``trace``).
 
-May import: ``weft.types``, ``weft.identity``, the standard library, pydantic and PyYAML. Pure:
-no kernel, no ctypes, no pyroute2, no ``weft.datapath`` (the datapath converts our output).
+May import: ``weft.types``, ``weft.identity``, ``weft.fqdn`` (name and pattern rules), the standard
+library, pydantic and PyYAML. Pure: no kernel, no ctypes, no pyroute2, no ``weft.datapath`` (the
+datapath converts our output).
 """
 
 from weft.policy.errors import PolicyError, Problem

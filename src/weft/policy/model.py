@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from weft.fqdn.matchpattern import FqdnPatternError, validate_name, validate_pattern
 
 # ----------------------------------------------------------------------------- value syntax
 
@@ -235,12 +238,20 @@ def _entity(value: object) -> str:
     raise fail(f"{value!r} is not an entity; use one of {', '.join(ENTITIES)}")
 
 
-def _dns_name(value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > 255:
-        raise fail(f"{value!r} is not a DNS name")
-    if not re.fullmatch(r"[A-Za-z0-9_.*-]+\.?", value):
-        raise fail(f'"{value}" is not a DNS name or pattern (a-z, 0-9, ".", "-" and "*")')
-    return value
+def _fqdn_check(check: Callable[[str], None]) -> Callable[[object], str]:
+    """matchName / matchPattern, validated with the DNS proxy's own rules (weft.fqdn), so what
+    applies is exactly what the proxy can match."""
+
+    def validate(value: object) -> str:
+        if not isinstance(value, str):
+            raise fail(f"{value!r} is not a DNS name")
+        try:
+            check(value)
+        except FqdnPatternError as exc:
+            raise fail(f'"{value}": {exc.problem}') from None
+        return value
+
+    return validate
 
 
 def _name(value: object) -> str:
@@ -266,7 +277,8 @@ K8sKey = Annotated[str, BeforeValidator(_k8s_key)]
 LabelValue = Annotated[str, BeforeValidator(_label_value)]
 Operator = Annotated[str, BeforeValidator(_operator)]
 Entity = Annotated[str, BeforeValidator(_entity)]
-DNSName = Annotated[str, BeforeValidator(_dns_name)]
+DNSName = Annotated[str, BeforeValidator(_fqdn_check(validate_name))]
+DNSPattern = Annotated[str, BeforeValidator(_fqdn_check(validate_pattern))]
 Name = Annotated[str, BeforeValidator(_name)]
 Namespace = Annotated[str, BeforeValidator(_namespace)]
 
@@ -354,7 +366,7 @@ class PortRuleHTTP(Strict):
 
 class PortRuleDNS(Strict):
     matchName: DNSName | None = None
-    matchPattern: DNSName | None = None
+    matchPattern: DNSPattern | None = None
 
 
 class L7Rules(Strict):
@@ -419,7 +431,13 @@ class CIDRRule(Strict):
 
 class FQDNSelector(Strict):
     matchName: DNSName | None = None
-    matchPattern: DNSName | None = None
+    matchPattern: DNSPattern | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FQDNSelector:
+        if not self.matchName and not self.matchPattern:
+            raise fail("a toFQDNs selector needs matchName or matchPattern")
+        return self
 
 
 # ----------------------------------------------------------------------------- CNP rules
