@@ -314,7 +314,23 @@ class EndpointManager:
             "last_reconcile": self.last_reconcile,
             "pending_link_deletions": self.reaper.pending(),
             "pin_dir": str(self.config.pin_dir),
+            "dns_proxy": self._proxy_health(),
         }
+
+    def _proxy_health(self) -> dict[str, Any]:
+        """The node's DNS proxy as ``weft status`` shows it (a process of its own: asked, not
+        assumed)."""
+        settings = self.config.dns_proxy
+        if not settings.enabled:
+            return {"enabled": False}
+        sock = settings.socket_path or default_socket_path(self.config.state_dir)
+        try:
+            status = AgentClient(sock, timeout=1.0).call("status")
+        except (AgentUnavailable, AgentCallError, OSError) as exc:
+            return {"enabled": True, "healthy": False, "error": str(exc), "socket": str(sock)}
+        if not isinstance(status, dict):
+            return {"enabled": True, "healthy": False, "error": "unexpected status reply"}
+        return {"enabled": True, "healthy": bool(status.get("healthy", status.get("ready", True))), **status}
 
     # ---------------------------------------------------------------- reconcile and GC
     def reconcile(self) -> dict[str, Any]:

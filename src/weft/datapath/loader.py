@@ -119,6 +119,7 @@ class NodeDatapath:
         self._policy: BpfHashMap[abi.PolicyKey, abi.PolicyValue] | None = None
         self._ipcache: BpfHashMap[abi.IpcacheKey, abi.IpcacheValue] | None = None
         self._ct: BpfHashMap[abi.CtKey, abi.CtValue] | None = None
+        self._fqdn: BpfHashMap[abi.FqdnKey, abi.FqdnValue] | None = None
         # ep_id -> its policy entries as written; rebuilt from the map on load, so a sync writes
         # only what changed.
         self._policy_cache: dict[int, dict[PolicyMapKey, PolicyMapValue]] = {}
@@ -158,6 +159,7 @@ class NodeDatapath:
             policy = BpfHashMap(obj.map_fd("weft_policy"), abi.PolicyKey, abi.PolicyValue)
             ipcache = BpfHashMap(obj.map_fd("weft_ipcache"), abi.IpcacheKey, abi.IpcacheValue)
             ct = BpfHashMap(obj.map_fd("weft_ct"), abi.CtKey, abi.CtValue)
+            fqdn = BpfHashMap(obj.map_fd("weft_fqdn"), abi.FqdnKey, abi.FqdnValue)
             prog_fds = {name: obj.prog_fd(name) for name in obj.program_names()}
             missing = set(PROGRAMS) - set(prog_fds)
             if missing:
@@ -168,6 +170,7 @@ class NodeDatapath:
             raise
         self._obj, self._endpoints, self._lxc, self._metrics = obj, endpoints, lxc, metrics
         self._policy, self._ipcache, self._ct = policy, ipcache, ct
+        self._fqdn = fqdn
         self._policy_cache = {}
         for pkey, pvalue in policy.items():
             mk = PolicyMapKey(int(pkey.direction), int(pkey.identity), int(pkey.proto), pkey.port(),
@@ -378,6 +381,18 @@ class NodeDatapath:
         for key in list(self._policy_cache.get(ep_id, {})):
             policy.delete(self._policy_key(ep_id, key))
         self._policy_cache.pop(ep_id, None)
+        self.delete_fqdn_entries(ep_id)
+
+    def delete_fqdn_entries(self, ep_id: int) -> int:
+        """Drop the addresses the DNS proxy learned for a gone endpoint. The proxy owns
+        weft_fqdn, but a proxy that is down must not let a later endpoint reusing the id inherit
+        them: the agent removes them with the endpoint."""
+        self._need()
+        assert self._fqdn is not None
+        gone = [key for key in self._fqdn if int(key.ep_id) == ep_id]
+        for key in gone:
+            self._fqdn.delete(key)
+        return len(gone)
 
     def policy_endpoint_ids(self) -> set[int]:
         self._need()
@@ -444,6 +459,7 @@ class NodeDatapath:
             "weft_policy": (sum(len(v) for v in self._policy_cache.values()), obj.map_max_entries("weft_policy")),
             "weft_ipcache": (len(ipcache), obj.map_max_entries("weft_ipcache")),
             "weft_ct": (len(ct), obj.map_max_entries("weft_ct")),
+            "weft_fqdn": (len(self._fqdn) if self._fqdn is not None else 0, obj.map_max_entries("weft_fqdn")),
             "weft_metrics": (obj.map_max_entries("weft_metrics"), obj.map_max_entries("weft_metrics")),
         }
 
@@ -464,6 +480,7 @@ class NodeDatapath:
         self._metrics = None
         self._policy = self._ipcache = None
         self._ct = None
+        self._fqdn = None
         self._policy_cache = {}
         self._prog_fds = {}
         self._by_ifindex = {}
