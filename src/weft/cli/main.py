@@ -231,6 +231,20 @@ def _print_status(st: dict[str, Any]) -> None:
           [[k, v["block"], v["used"], v["capacity"]] for k, v in st["ipam"].items()])
     table("datapath counters", ["COUNTER", "PACKETS", "BYTES"],
           [[k, v["packets"], v["bytes"]] for k, v in st["counters"].items() if v["packets"]])
+    _print_proxy(st.get("dns_proxy") or {})
+
+
+def _print_proxy(proxy: dict[str, Any]) -> None:
+    """The DNS proxy's line of ``weft status``: a process of its own, so its health is its own."""
+    if not proxy.get("enabled", False):
+        console.print("DNS proxy: disabled")
+    elif not proxy.get("healthy"):
+        console.print(f"DNS proxy: [red]unhealthy[/red] — {proxy.get('error', 'not ready')}")
+    else:
+        counters = proxy.get("counters") or {}
+        shown = ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int) and v)
+        console.print(f"DNS proxy: [green]healthy[/green] (pid {proxy.get('pid', '?')}, rules revision "
+                      f"{proxy.get('revision', proxy.get('rules_revision', '?'))}){': ' + shown if shown else ''}")
 
 
 @endpoint_app.command("list")
