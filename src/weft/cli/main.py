@@ -69,15 +69,46 @@ def lab_up(lab: LabOpt = "weft",
            node_mask_v4: Annotated[int, typer.Option(help="prefix of each node's IPv4 block")] = DEFAULT_NODE_MASK_V4,
            pod_cidr_v6: Annotated[str, typer.Option(help="cluster pod CIDR, IPv6")] = DEFAULT_CLUSTER_CIDR_V6,
            node_mask_v6: Annotated[int, typer.Option(help="prefix of each node's IPv6 block")] = DEFAULT_NODE_MASK_V6,
+           world: Annotated[bool, typer.Option(
+               "--world/--no-world",
+               help="underlay, world servers and DNS behind the nodes, kube-dns")] = True,
            ) -> None:
-    """Create node namespaces, each with its own agent."""
+    """Create node namespaces, each with its own agent; by default also the world beyond the
+    nodes (servers and DNS reached through the nodes' uplinks) and kube-dns."""
     try:
         pools = {4: ClusterPool.parse(pod_cidr_v4, node_mask_v4), 6: ClusterPool.parse(pod_cidr_v6, node_mask_v6)}
         with console.status(f"bringing up lab {lab} with {nodes} node(s)") as status:
-            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m), pools=pools)
-    except (LabError, IPAMError, ValueError) as exc:
+            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m), pools=pools,
+                                world=world)
+    except (LabError, IPAMError, CniError, AgentCallError, AgentUnavailable, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"lab [bold]{lab}[/bold] up: " + ", ".join(f"{n.name} ({n.netns})" for n in state.nodes))
+    if state.world:
+        console.print(f"world: {lab}-world behind {lab}-vnet; kube-dns {', '.join(state.dns_servers)} "
+                      "(`weft lab world` lists the names)")
+
+
+@lab_app.command("world")
+def lab_world(lab: LabOpt = "weft", output: OutOpt = Format.table) -> None:
+    """The names of the lab's world (served by its DNS, reached through the nodes) and the DNS servers."""
+    from weft.lab import world as plan
+
+    lab_obj = Lab(lab)
+    state = lab_obj.load() if lab_obj.exists() else None
+    if state is not None and not state.world:
+        err_console.print(f"note: lab {lab} was made with --no-world: these names do not resolve in it")
+    rows = [{"name": r.name, "type": r.kind,
+             "value": [r.cname] if r.cname else list(r.addresses), "ttl": r.ttl,
+             "addresses": plan.world_addresses(r.name)} for r in plan.WORLD_RECORDS]
+    servers = {"world_dns": plan.world_dns_servers(), "kube_dns": state.dns_servers if state else [],
+               "uplinks": {n.name: n.uplink for n in state.nodes} if state else {}}
+    if output == Format.json:
+        print_json({"records": rows, **servers})
+        return
+    table(f"world of lab {lab}", ["NAME", "TYPE", "VALUE", "TTL"],
+          [[r["name"], r["type"], r["value"], r["ttl"]] for r in rows])
+    console.print(f"world DNS: {', '.join(servers['world_dns'])}; kube-dns (pods' resolver): "
+                  f"{', '.join(servers['kube_dns']) or '-'}; any other name: NXDOMAIN")
 
 
 @lab_app.command("down")

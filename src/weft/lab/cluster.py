@@ -2,17 +2,22 @@
 
 Layout of one lab named ``L`` (default ``weft``):
 - network namespaces ``L-node-1`` .. ``L-node-N`` and one ``L-pod-<ns>-<name>`` per pod;
+- unless ``--no-world``: the underlay ``L-vnet``, the world ``L-world`` (servers and DNS behind
+  the nodes' uplinks) and the pod ``kube-system/kube-dns``; see ``weft.lab.world``;
 - files under ``/run/weft/labs/L/`` (lab.json, per-node config, CNI config dir, agent socket,
-  agent state and logs, the CNI bin dir with the weft-cni launcher, CNI result cache);
+  agent state and logs, the CNI bin dir with the weft-cni launcher, CNI result cache, each pod's
+  resolv.conf under ``pods/``, the world's logs under ``world/``);
 - pins under ``/sys/fs/bpf/weft/L/<node>/``;
-- processes (agents, pod servers) carry ``WEFT_LAB=L`` in their environment, so ``down`` finds
-  them even when lab.json was lost in a crash.
-Nothing is added to the root namespace, and no namespace has a route out of the machine.
+- processes (agents, pod servers, dnsmasq) carry ``WEFT_LAB=L`` in their environment, so
+  ``down`` finds them even when lab.json was lost in a crash.
+Nothing is added to the root namespace, and no namespace has a route out of the machine: the
+nodes' default routes lead to the world namespace, which routes nowhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -24,10 +29,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from weft.agent.client import AgentClient
 from weft.cni.launcher import write_launcher
 from weft.ipam.pool import ClusterPool, IPFamilies, default_pools
+from weft.lab import world as plan
 from weft.lab.runtime import CniRuntime
 from weft.lab.servers import ServeSpec
 
@@ -55,11 +62,21 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 20.0, in
         time.sleep(interval)
 
 
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _run(*argv: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, input=stdin)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+def _ip_batch(netns: str, commands: str) -> None:
+    """Several ``ip`` commands in one process (``ip -batch``): lab up stays fast."""
+    _run("ip", "-n", netns, "-batch", "-", stdin=commands)
+
+
+def _in_netns(netns: str, argv: list[str]) -> list[str]:
+    # nsenter, not `ip netns exec`: that one remounts /sys and hides bpffs.
+    return ["nsenter", f"--net={NETNS_DIR / netns}", *argv]
 
 
 @dataclass
@@ -71,6 +88,7 @@ class NodeInfo:
     socket_path: str
     conf_dir: str
     agent_pid: int = 0
+    uplink: list[str] = field(default_factory=list)  # eth0's addresses on the underlay (none: no world)
 
 
 @dataclass
@@ -97,6 +115,9 @@ class LabState:
     nodes: list[NodeInfo] = field(default_factory=list)
     pods: dict[str, PodInfo] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    world: bool = False
+    # The cluster resolver every pod's resolv.conf names: kube-dns's pod addresses.
+    dns_servers: list[str] = field(default_factory=list)
 
 
 class Lab:
@@ -123,6 +144,7 @@ class Lab:
             nodes=[NodeInfo(**n) for n in raw["nodes"]],
             pods={k: PodInfo(**v) for k, v in raw["pods"].items()},
             namespaces=raw.get("namespaces", {}),
+            world=raw.get("world", False), dns_servers=raw.get("dns_servers", []),
         )
 
     def save(self, state: LabState) -> None:
@@ -145,34 +167,113 @@ class Lab:
 
     # ------------------------------------------------------------------ up / down
     def up(self, nodes: int = 1, ip_family: str = "dual", progress: Callable[[str], None] | None = None,
-           pools: dict[int, ClusterPool] | None = None) -> LabState:
+           pools: dict[int, ClusterPool] | None = None, world: bool = True) -> LabState:
         """Create ``nodes`` node namespaces with an agent each. ``pools`` overrides the cluster
-        pod CIDRs and per-node block sizes (default: Azure CNI overlay's)."""
+        pod CIDRs and per-node block sizes (default: Azure CNI overlay's). ``world``: also the
+        underlay, the world behind it and kube-dns (see ``weft.lab.world``)."""
         say = progress or (lambda _msg: None)
         family = IPFamilies(ip_family)
         if nodes < 1 or nodes > 250:
             raise LabError(f"--nodes {nodes}: a lab has 1 to 250 nodes")
         if self.exists():
             raise LabError(f"lab {self.name!r} is already up; `weft lab down` first")
+        pools = {**default_pools(), **(pools or {})}
+        pod_cidrs = [str(pools[v].cidr) for v in family.versions]
+        if world:
+            for cidr in pod_cidrs:
+                if plan.overlaps_world(cidr):
+                    raise LabError(f"pod CIDR {cidr} overlaps the lab's underlay or world ranges "
+                                   f"({plan.UNDERLAY_V4}, {plan.UNDERLAY_V6}, "
+                                   f"{', '.join(map(str, plan.WORLD_RANGES))}); pick another or use --no-world")
         self.down(quiet=True)  # leftovers of a crashed run
         _ensure_bpffs()
         self.base.mkdir(parents=True, exist_ok=True)
         write_launcher(self.bin_dir / "weft-cni")
-        state = LabState(name=self.name, ip_family=family.value)
+        state = LabState(name=self.name, ip_family=family.value, world=world)
         self.save(state)
-        pools = {**default_pools(), **(pools or {})}
         try:
+            # The world's daemons start while the nodes and agents come up; waited for after.
+            world_ready = self._make_world() if world else None
+            if world_ready:
+                say(f"world: {plan.world_netns(self.name)} behind {plan.vnet_netns(self.name)}")
             for i in range(1, nodes + 1):
                 node = self._make_node(i, family, pools)
+                if world:
+                    self._plug_node(node, pod_cidrs)
                 state.nodes.append(node)
                 self.save(state)
                 say(f"node {node.name}: netns {node.netns}")
                 self.start_agent(state, node.name)
                 say(f"node {node.name}: agent ready")
+            if world_ready:
+                world_ready()
+                dns = self._add_kube_dns(state)
+                say(f"kube-dns: {', '.join(dns.addresses)}")
         except BaseException:
             self.down(quiet=True)
             raise
         return state
+
+    def _make_world(self) -> Callable[[], None]:
+        """The underlay bridge and the world namespace with its servers and DNS. Returns the
+        wait for the daemons, so that the caller does other work while they start."""
+        vnet, wns = plan.vnet_netns(self.name), plan.world_netns(self.name)
+        _run("ip", "netns", "add", vnet)
+        _ip_batch(vnet, plan.vnet_batch())
+        _run("ip", "netns", "add", wns)
+        _run(*_in_netns(wns, ["sysctl", "-q", "-w", *plan.no_dad_sysctls()]))
+        self._plug(wns, plan.WORLD_PORT)
+        _ip_batch(wns, "link set lo up\n" + plan.uplink_batch([plan.ROUTER_V4, plan.ROUTER_V6], [],
+                                                               plan.world_lo_addresses()))
+        wdir = self.base / "world"
+        wdir.mkdir(parents=True, exist_ok=True)
+        ready_file = wdir / "servers.ready"
+        servers = self._spawn(_in_netns(wns, [sys.executable, "-m", "weft.lab.servers", *plan.WORLD_SERVE]),
+                              wdir / "servers.log", WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD="world",
+                              WEFT_SERVER_PEER_LOG=str(self.world_peer_log),
+                              WEFT_SERVER_ADDRESSES=",".join(plan.world_server_addresses()))
+        dns = self._spawn(_in_netns(wns, plan.world_dns_argv(wdir / "dns.log")), wdir / "dns.out")
+
+        def ready() -> None:
+            _wait_daemon("the world's servers", servers, wdir / "servers.log", ready_file.exists)
+            _wait_daemon("the world's DNS server", dns, wdir / "dns.log",
+                         lambda: _listening(dns.pid, 53, plan.world_dns_servers()))
+        return ready
+
+    def _plug(self, netns: str, port: str) -> None:
+        """A veth from ``netns`` (its end named eth0) into the underlay bridge (port ``port``)."""
+        vnet = plan.vnet_netns(self.name)
+        _run("ip", "-n", netns, "link", "add", plan.UPLINK, "type", "veth", "peer", "name", port, "netns", vnet)
+        _ip_batch(vnet, f"link set {port} master {plan.BRIDGE}\nlink set {port} up\n")
+
+    def _plug_node(self, node: NodeInfo, pod_cidrs: list[str]) -> None:
+        """The node's uplink, default routes to the world router, forwarding and masquerade."""
+        node.uplink = plan.node_uplink_addresses(node.index)
+        # Sysctls first: the uplink made next inherits the "default" ones.
+        _run(*_in_netns(node.netns, ["sysctl", "-q", "-w", *plan.node_sysctls()]))
+        self._plug(node.netns, plan.bridge_port(node.index))
+        _ip_batch(node.netns, plan.uplink_batch(node.uplink, [plan.ROUTER_V4, plan.ROUTER_V6]))
+        _run(*_in_netns(node.netns, ["nft", "-f", "-"]), stdin=plan.masquerade_ruleset(pod_cidrs))
+
+    def _add_kube_dns(self, state: LabState) -> PodInfo:
+        """kube-system/kube-dns on the first node, through the normal pod path (a real endpoint
+        with an identity), serving DNS with dnsmasq; its addresses become the cluster resolver."""
+        family = IPFamilies(state.ip_family)
+        upstream = [a for a in plan.world_dns_servers() if (6 if ":" in a else 4) in family.versions]
+        pod = self._add_pod(state, "kube-system", "kube-dns", state.nodes[0].name, {"k8s-app": "kube-dns"},
+                            [ServeSpec("udp", 53, "dns"), ServeSpec("tcp", 53, "dns-tcp")],
+                            # dnsPolicy Default, as CoreDNS has: the node's resolver, the world's DNS.
+                            nameservers=upstream, start=self._start_kube_dns)
+        state.dns_servers = list(pod.addresses)
+        self.save(state)
+        return pod
+
+    def _start_kube_dns(self, pod: PodInfo) -> int:
+        log = self.base / "kube-dns.log"
+        proc = self._spawn(self._pod_argv(pod, plan.kube_dns_argv(pod.addresses, log)),
+                           self.base / "kube-dns.out", WEFT_POD=pod.key)
+        _wait_daemon("kube-dns", proc, log, lambda: _listening(proc.pid, 53, pod.addresses))
+        return proc.pid
 
     def _make_node(self, index: int, family: IPFamilies, pools: dict[int, ClusterPool]) -> NodeInfo:
         name = f"node-{index}"
@@ -209,20 +310,19 @@ class Lab:
         env.update(extra)
         return env
 
-    def _spawn(self, netns: str, module_argv: list[str], log_path: Path, **env: str) -> subprocess.Popen[bytes]:
-        """A lab daemon: a Python module run inside ``netns`` (nsenter, so bpffs stays visible),
-        in a session of its own, marked with WEFT_LAB so ``down`` finds it whatever happened."""
+    def _spawn(self, argv: list[str], log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+        """A lab daemon (argv enters its netns), in a session of its own, marked with WEFT_LAB so
+        ``down`` finds it whatever happened."""
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                ["nsenter", f"--net={NETNS_DIR / netns}", sys.executable, "-m", *module_argv],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=self._env(**env),
-            )
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                    env=self._env(**env))
         _children[proc.pid] = proc
         return proc
 
     def start_agent(self, state: LabState, node_name: str) -> int:
         node = self.node(state, node_name)
-        proc = self._spawn(node.netns, ["weft.agent.main", "--config", node.config_path],
+        proc = self._spawn(_in_netns(node.netns, [sys.executable, "-m", "weft.agent.main", "--config",
+                                                  node.config_path]),
                            Path(node.config_path).parent / "agent.log")
         node.agent_pid = proc.pid
         self.save(state)
@@ -262,9 +362,12 @@ class Lab:
         with contextlib.suppress(LabError):
             wait_for("lab processes to exit", lambda: not any(_alive(p) for p in killed), timeout=10)
         prefix = f"{self.name}-"
+        world_netns = (plan.vnet_netns(self.name), plan.world_netns(self.name))
         if NETNS_DIR.is_dir():
-            for entry in sorted(NETNS_DIR.iterdir()):
-                if entry.name.startswith(prefix + "node-") or entry.name.startswith(prefix + "pod-"):
+            # Pods first, the underlay last: a node's uplink goes with the node, the bridge after.
+            for entry in sorted(NETNS_DIR.iterdir(), key=lambda e: e.name in world_netns):
+                if entry.name.startswith(prefix + "node-") or entry.name.startswith(prefix + "pod-") \
+                        or entry.name in world_netns:
                     _run("ip", "netns", "del", entry.name, check=False)
                     removed.append(f"netns {entry.name}")
         if self.pin_root.exists():
@@ -328,7 +431,15 @@ class Lab:
         namespace, name = parse_pod_ref(ref)
         specs = [ServeSpec.parse(s) for s in serve or []]
         state = self.load()
-        if ref in state.pods or f"{namespace}/{name}" in state.pods:
+        return self._add_pod(state, namespace, name, node_name, labels, specs, nameservers=state.dns_servers,
+                             start=self._start_servers if specs else None)
+
+    def _add_pod(self, state: LabState, namespace: str, name: str, node_name: str | None,
+                 labels: dict[str, str] | None, specs: list[ServeSpec], nameservers: list[str],
+                 start: Callable[[PodInfo], int] | None) -> PodInfo:
+        """A pod as kubelet makes one: metadata to the agents, sandbox netns, CNI ADD, then its
+        resolv.conf and ``start`` (its servers, which get the pod's pid recorded)."""
+        if f"{namespace}/{name}" in state.pods:
             raise LabError(f"pod {namespace}/{name} already exists")
         if node_name is None:
             counts = {n.name: 0 for n in state.nodes}
@@ -352,31 +463,46 @@ class Lab:
             result = self.runtime(node).add(container_id, str(NETNS_DIR / netns), "eth0",
                                             args=cni_args(namespace, name, container_id))
             pod.addresses = [ip["address"].split("/")[0] for ip in result.get("ips", [])]
-            if specs:
-                pod.server_pid = self._start_servers(pod, specs)
+            self._write_resolv_conf(pod, nameservers)
+            if start is not None:
+                pod.server_pid = start(pod)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.runtime(node).delete(container_id, str(NETNS_DIR / netns), "eth0",
                                           args=cni_args(namespace, name, container_id))
             _run("ip", "netns", "del", netns, check=False)
+            shutil.rmtree(self._pod_dir(pod), ignore_errors=True)
             raise
         state.pods[pod.key] = pod
         self.save(state)
         return pod
 
-    def _start_servers(self, pod: PodInfo, specs: list[ServeSpec]) -> int:
+    def _pod_dir(self, pod: PodInfo) -> Path:
+        return self.base / "pods" / pod.netns
+
+    def _write_resolv_conf(self, pod: PodInfo, nameservers: list[str]) -> None:
+        path = self._pod_dir(pod) / "resolv.conf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if pod.key == "kube-system/kube-dns":
+            comment = f"kube-dns of lab {self.name}: the node's resolver (dnsPolicy Default), the world's DNS"
+        elif nameservers:
+            comment = f"pod {pod.key} of lab {self.name}: kube-dns"
+        else:
+            comment = f"pod {pod.key} of lab {self.name}: no kube-dns in this lab (lab up --no-world)"
+        path.write_text(plan.resolv_conf(nameservers, comment))
+
+    def _pod_argv(self, pod: PodInfo, argv: list[str]) -> list[str]:
+        resolv = self._pod_dir(pod) / "resolv.conf"
+        return plan.in_pod_argv(str(NETNS_DIR / pod.netns), resolv if resolv.exists() else None, argv)
+
+    def _start_servers(self, pod: PodInfo) -> int:
         ready_file = self.base / "servers" / f"{pod.netns}.ready"
         ready_file.parent.mkdir(parents=True, exist_ok=True)
         ready_file.unlink(missing_ok=True)
-        proc = self._spawn(pod.netns, ["weft.lab.servers", *[str(s) for s in specs]], ready_file.with_suffix(".log"),
+        log = ready_file.with_suffix(".log")
+        proc = self._spawn(self._pod_argv(pod, [sys.executable, "-m", "weft.lab.servers", *pod.serve]), log,
                            WEFT_SERVER_READY_FILE=str(ready_file), WEFT_POD=pod.key)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise LabError(f"servers of {pod.key} exited: see {ready_file.with_suffix('.log')}")
-            return ready_file.exists()
-
-        wait_for(f"servers of {pod.key}", ready, timeout=20)
+        _wait_daemon(f"servers of {pod.key}", proc, log, ready_file.exists)
         return proc.pid
 
     def pod_del(self, ref: str) -> None:
@@ -385,14 +511,16 @@ class Lab:
         pod = state.pods.get(f"{namespace}/{name}")
         if pod is None:
             raise LabError(f"no pod {namespace}/{name} in lab {self.name}")
-        if pod.server_pid and _alive(pod.server_pid):
-            os.kill(pod.server_pid, signal.SIGKILL)
-            wait_for("pod servers to exit", lambda: not _alive(pod.server_pid), timeout=10)
+        if pod.server_pid:
+            _kill(pod.server_pid)
         node = self.node(state, pod.node)
         netns_path = str(NETNS_DIR / pod.netns)
         self.runtime(node).delete(pod.container_id, netns_path, "eth0",
                                   args=cni_args(namespace, name, pod.container_id))
         _run("ip", "netns", "del", pod.netns, check=False)
+        shutil.rmtree(self._pod_dir(pod), ignore_errors=True)
+        if pod.key == "kube-system/kube-dns":
+            state.dns_servers = []  # pods keep the resolv.conf they have, as in a cluster
         del state.pods[pod.key]
         self.save(state)
 
@@ -405,8 +533,40 @@ class Lab:
         return pod
 
     def exec_argv(self, ref: str, command: list[str]) -> list[str]:
-        pod = self.pod(ref)
-        return ["nsenter", f"--net={NETNS_DIR / pod.netns}", *command]
+        """Run ``command`` in the pod: its netns and its resolv.conf as /etc/resolv.conf."""
+        return self._pod_argv(self.pod(ref), command)
+
+    # ------------------------------------------------------------------ the world
+    @property
+    def world_peer_log(self) -> Path:
+        return self.base / "world" / "peers.jsonl"
+
+    def world_address(self, name: str) -> list[str]:
+        """The addresses (IPv4 first) a name of the lab's world resolves to, CNAMEs followed."""
+        try:
+            return plan.world_addresses(name)
+        except plan.UnknownName as exc:
+            raise LabError(str(exc.args[0])) from None
+
+    def node_uplink_address(self, node: str) -> list[str]:
+        """A node's addresses on the underlay (IPv4, IPv6): what the world sees of its pods."""
+        found = self.node(self.load(), node)
+        if not found.uplink:
+            raise LabError(f"lab {self.name} has no underlay (it was made with --no-world)")
+        return list(found.uplink)
+
+    def dns_servers(self) -> list[str]:
+        """kube-dns's addresses: the cluster resolver named in every pod's resolv.conf."""
+        return list(self.load().dns_servers)
+
+    def world_peers(self) -> list[dict[str, Any]]:
+        """Every connection (and UDP peer) the world's servers saw, oldest first: protocol,
+        port, local (world) address and the peer's address as it arrived."""
+        try:
+            lines = self.world_peer_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def parse_pod_ref(ref: str) -> tuple[str, str]:
@@ -439,6 +599,70 @@ def cni_args(namespace: str, name: str, container_id: str) -> str:
     """CNI_ARGS as containerd's CRI plugin sends them."""
     return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
             f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uuid.uuid5(uuid.NAMESPACE_DNS, name)}")
+
+
+def pod_resolv_conf(netns: str) -> Path | None:
+    """The resolv.conf of the lab pod whose netns is ``netns``; None for any other netns."""
+    if not LABS_DIR.is_dir():
+        return None
+    for lab_dir in LABS_DIR.iterdir():
+        if netns.startswith(f"{lab_dir.name}-pod-"):
+            path = lab_dir / "pods" / netns / "resolv.conf"
+            if path.exists():
+                return path
+    return None
+
+
+def pod_argv(netns: str, argv: list[str]) -> list[str]:
+    """``argv`` run inside the pod whose netns is ``netns``, with the pod's resolver."""
+    return plan.in_pod_argv(str(NETNS_DIR / netns), pod_resolv_conf(netns), argv)
+
+
+def _kill(pid: int) -> None:
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(f"pid {pid} to exit", lambda: not _alive(pid), timeout=10)
+
+
+def _wait_daemon(what: str, proc: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]) -> None:
+    """Wait until a just-started daemon is ready; one that never gets there is killed."""
+    def check() -> bool:
+        if proc.poll() is not None:
+            raise LabError(f"{what} exited with {proc.returncode}: see {log}")
+        return ready()
+
+    try:
+        wait_for(what, check, timeout=20)
+    except BaseException:
+        _kill(proc.pid)
+        raise
+
+
+def _listening(pid: int, port: int, addresses: list[str]) -> bool:
+    """Whether the process ``pid`` listens on ``port`` over TCP and UDP on each of ``addresses``,
+    read from /proc/<pid>/net (its own netns: no need to enter it)."""
+    want = {(ipaddress.ip_address(a), port) for a in addresses}
+    return want <= _sockets(pid, "tcp", "0A") and want <= _sockets(pid, "udp", "07")
+
+
+def _sockets(pid: int, proto: str, state: str) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    out: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = set()
+    for suffix in ("", "6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{proto}{suffix}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != state:
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(addr_hex)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out.add((ipaddress.ip_address(raw), int(port_hex, 16)))
+    return out
 
 
 def _alive(pid: int) -> bool:
