@@ -30,10 +30,12 @@ def unique_lab_name(tag: str) -> str:
     return f"wt{tag}{secrets.token_hex(2)}"
 
 
-def one_node_lab(tag: str) -> Iterator[Lab]:
+def one_node_lab(tag: str, world: bool = False) -> Iterator[Lab]:
+    """A one-node dual-stack lab; without the world and kube-dns unless asked (tests count
+    endpoints, IPAM use and pods from zero)."""
     lab = Lab(unique_lab_name(tag))
     try:
-        lab.up(nodes=1, ip_family="dual")
+        lab.up(nodes=1, ip_family="dual", world=world)
         yield lab
     finally:
         lab.down(quiet=True)

@@ -53,7 +53,8 @@ def lab_name() -> Iterator[str]:
 
 
 def test_ipv4_only_small_blocks_spread_and_exhaustion(lab_name: str) -> None:
-    weft("lab", "up", "--lab", lab_name, "--nodes", "2", "--ip-family", "ipv4", "--node-mask-v4", "30")
+    # No world: kube-dns would take node-1's only address.
+    weft("lab", "up", "--lab", lab_name, "--nodes", "2", "--ip-family", "ipv4", "--node-mask-v4", "30", "--no-world")
     weft("lab", "pod", "add", "default/one", "--lab", lab_name)
     weft("lab", "pod", "add", "default/two", "--lab", lab_name)
     pods = json.loads(weft("lab", "pod", "list", "--lab", lab_name, "-o", "json").stdout)
