@@ -124,7 +124,7 @@ def test_glibc_in_a_pod_resolves_a_and_aaaa_through_kube_dns(world_lab: Lab, cli
     got = in_pod(world_lab, client, sys.executable, "-c", code, name).stdout.strip()
     assert got == str(sorted(world_lab.world_address(name)))
     # The queries came from the pod's own addresses to kube-dns, which forwarded them.
-    log = (world_lab.base / "kube-dns.log").read_text()
+    log = world_lab.kube_dns_log.read_text()
     v4 = next(a for a in client.addresses if version(a) == 4)
     assert f"query[A] {name} from {v4}" in log and f"query[AAAA] {name} from {v4}" in log
     assert f"forwarded {name} to {plan.WORLD_DNS_V4}" in log

@@ -269,7 +269,7 @@ class Lab:
         return pod
 
     def _start_kube_dns(self, pod: PodInfo) -> int:
-        log = self.base / "kube-dns.log"
+        log = self.kube_dns_log
         proc = self._spawn(self._pod_argv(pod, plan.kube_dns_argv(pod.addresses, log)),
                            self.base / "kube-dns.out", WEFT_POD=pod.key)
         _wait_daemon("kube-dns", proc, log, lambda: _listening(proc.pid, 53, pod.addresses))
@@ -539,7 +539,13 @@ class Lab:
     # ------------------------------------------------------------------ the world
     @property
     def world_peer_log(self) -> Path:
+        """JSON lines, one per connection (or UDP peer) the world's servers saw."""
         return self.base / "world" / "peers.jsonl"
+
+    @property
+    def kube_dns_log(self) -> Path:
+        """kube-dns's dnsmasq log: every query, with the asking pod's address, and its answer."""
+        return self.base / "kube-dns.log"
 
     def world_address(self, name: str) -> list[str]:
         """The addresses (IPv4 first) a name of the lab's world resolves to, CNAMEs followed."""
