@@ -22,5 +22,7 @@ struct weft_ct_value weft_abi_ct_value;
 struct weft_fqdn_key weft_abi_fqdn_key;
 struct weft_fqdn_slot weft_abi_fqdn_slot;
 struct weft_fqdn_value weft_abi_fqdn_value;
+struct weft_event weft_abi_event;
+struct weft_event_config weft_abi_event_config;
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -15,6 +15,9 @@
  *   to_container (egress: what the node's stack sends to the pod)
  *     - Counted; ingress policy hooks in here (see lib/policy.h).
  *
+ * Each program reports its verdict for a packet with one ev_emit() at its end (lib/events.h):
+ * the functions below note what they decide in a struct ev_trace.
+ *
  * Maps are in lib/maps.h; every struct shared with Python is in include/shared/weft_abi.h.
  */
 #include "lib/common.h"
@@ -31,6 +34,7 @@
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/proxy.h"
+#include "lib/events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -42,26 +46,29 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  */
 static __always_inline int enforce_from_container(struct __sk_buff *skb, const struct weft_ep_value *src,
 						  const struct weft_ep_value *dst, struct weft_flow *flow,
-						  __u16 *proxy_port)
+						  __u16 *proxy_port, struct ev_trace *t)
 {
-	enum ct_status status = ct_lookup(skb, flow);
+	enum ct_status status = ct_lookup(skb, flow, t);
 	__u16 ignored_port = 0;
 	__u32 dst_identity;
 	int verdict;
 
+	/* A reply leaving the pod belongs to a connection that came in. */
+	t->direction = status == CT_REPLY ? WEFT_DIR_INGRESS : WEFT_DIR_EGRESS;
 	if (status == CT_REPLY || status == CT_RELATED)
 		return TC_ACT_OK;
 	if (flow_is_icmp6_nd(flow))
 		return TC_ACT_OK;
 	dst_identity = dst ? dst->identity : ipcache_identity(flow->key.family, flow->key.daddr);
-	verdict = policy_enforce(skb, src, dst_identity, WEFT_DIR_EGRESS, flow, status == CT_NEW, proxy_port);
+	t->dst_identity = dst_identity;
+	verdict = policy_enforce(skb, src, dst_identity, WEFT_DIR_EGRESS, flow, status == CT_NEW, proxy_port, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	/* A packet for the DNS proxy never reaches the destination pod: the proxy's own query
 	 * does, and that one meets the pod's ingress policy on its way. */
 	if (!*proxy_port && dst && (dst->flags & WEFT_EP_F_LOCAL)) {
 		verdict = policy_enforce(skb, dst, src->identity, WEFT_DIR_INGRESS, flow, status == CT_NEW,
-					 &ignored_port);
+					 &ignored_port, t);
 		if (verdict != TC_ACT_OK)
 			return verdict;
 	}
@@ -75,85 +82,79 @@ static __always_inline int enforce_from_container(struct __sk_buff *skb, const s
  * had sent it, then redirected into the pod's netns. Called after the L3 header was changed
  * (TTL/hop limit), so packet pointers are re-derived here.
  */
-static __always_inline int deliver_local(struct __sk_buff *skb, const struct weft_ep_value *dst, __u32 metric)
+static __always_inline int deliver_local(struct __sk_buff *skb, const struct weft_ep_value *dst, __u32 metric,
+					 struct ev_trace *t)
 {
 	struct ethhdr *eth;
 
 	eth = eth_hdr(skb);
-	if (!eth) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!eth)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	mac_copy(eth->h_dest, dst->pod_mac);
 	mac_copy(eth->h_source, dst->host_mac);
 	metric_inc(metric, skb->len);
+	ev_forward(t, metric);
 	/* dst->ifindex is the destination's host veth; redirect_peer enters at its peer (the
 	 * pod's eth0) ingress, skipping a pass through the node's backlog queue. */
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
-static __always_inline int from_container_v4(struct __sk_buff *skb)
+static __always_inline int from_container_v4(struct __sk_buff *skb, struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *src, *dst;
 	struct iphdr *ip = ipv4_hdr(skb);
-	struct weft_flow flow = {};
 	__u16 proxy_port = 0;
 	int verdict;
 
-	if (!ip) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!ip)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	/* A source of 0.0.0.0 (DHCP discovery and the like) proves nothing about the pod and can
 	 * be routed nowhere: let the stack judge it. */
 	if (ip->saddr == 0) {
 		metric_inc(WEFT_M_OTHER, skb->len);
 		return TC_ACT_OK;
 	}
+	/* The tuple first, so that a spoofed packet's drop event says what it was. */
+	if (flow_v4(skb, ip, flow) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	src = ep_lookup_v4(ip->saddr);
-	if (!ep_on_ifindex(src, skb->ifindex)) {
-		metric_inc(WEFT_M_DROP_SPOOF, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!ep_on_ifindex(src, skb->ifindex))
+		return ev_drop(skb, t, WEFT_M_DROP_SPOOF);
 	dst = ep_lookup_v4(ip->daddr);
-	if (flow_v4(skb, ip, &flow) < 0) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
-	verdict = enforce_from_container(skb, src, dst, &flow, &proxy_port);
+	t->src_ep_id = src->ep_id;
+	t->src_identity = src->identity;
+	t->dst_ep_id = dst ? dst->ep_id : 0;
+	t->dst_identity = dst ? dst->identity : 0;
+	verdict = enforce_from_container(skb, src, dst, flow, &proxy_port, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (proxy_port)
-		return proxy_redirect(skb, &flow, proxy_port);
+		return proxy_redirect(skb, flow, proxy_port, t);
 	/* Policy code may not move packet data, but the pointer is re-derived to be sure. */
 	ip = ipv4_hdr(skb);
 	if (!ip)
-		return TC_ACT_SHOT;
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	/* With TTL 1 the packet must die here with an ICMP time-exceeded: only the stack sends
 	 * those, so it gets the packet. */
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip->ttl <= 1) {
 		metric_inc(WEFT_M_TO_STACK_V4, skb->len);
+		ev_forward(t, WEFT_M_TO_STACK_V4);
 		return TC_ACT_OK;
 	}
-	if (ipv4_dec_ttl(skb, ip) < 0) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
-	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V4);
+	if (ipv4_dec_ttl(skb, ip) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V4, t);
 }
 
-static __always_inline int from_container_v6(struct __sk_buff *skb)
+static __always_inline int from_container_v6(struct __sk_buff *skb, struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *src, *dst;
 	struct ipv6hdr *ip6 = ipv6_hdr(skb);
-	struct weft_flow flow = {};
 	__u16 proxy_port = 0;
 	int verdict;
 
-	if (!ip6) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!ip6)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	if (ip6->nexthdr == IPPROTO_ICMPV6) {
 		verdict = ndp_respond(skb);
 		if (verdict >= 0)
@@ -161,10 +162,8 @@ static __always_inline int from_container_v6(struct __sk_buff *skb)
 		/* Not answered. ndp_respond resizes the packet only on paths that answer, but
 		 * re-deriving the pointer keeps this code correct whatever it does in future. */
 		ip6 = ipv6_hdr(skb);
-		if (!ip6) {
-			metric_inc(WEFT_M_DROP_INVALID, skb->len);
-			return TC_ACT_SHOT;
-		}
+		if (!ip6)
+			return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	}
 	/* Link-local (router solicitations, MLD, NUD from fe80::) and unspecified sources (DAD)
 	 * never leave the link: they carry no identity to check and go to the stack. */
@@ -172,37 +171,41 @@ static __always_inline int from_container_v6(struct __sk_buff *skb)
 		metric_inc(WEFT_M_OTHER, skb->len);
 		return TC_ACT_OK;
 	}
+	if (flow_v6(skb, ip6, flow) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	src = ep_lookup_v6(&ip6->saddr);
-	if (!ep_on_ifindex(src, skb->ifindex)) {
-		metric_inc(WEFT_M_DROP_SPOOF, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!ep_on_ifindex(src, skb->ifindex))
+		return ev_drop(skb, t, WEFT_M_DROP_SPOOF);
 	dst = ep_lookup_v6(&ip6->daddr);
-	if (flow_v6(skb, ip6, &flow) < 0) {
-		metric_inc(WEFT_M_DROP_INVALID, skb->len);
-		return TC_ACT_SHOT;
-	}
-	verdict = enforce_from_container(skb, src, dst, &flow, &proxy_port);
+	t->src_ep_id = src->ep_id;
+	t->src_identity = src->identity;
+	t->dst_ep_id = dst ? dst->ep_id : 0;
+	t->dst_identity = dst ? dst->identity : 0;
+	verdict = enforce_from_container(skb, src, dst, flow, &proxy_port, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (proxy_port)
-		return proxy_redirect(skb, &flow, proxy_port);
+		return proxy_redirect(skb, flow, proxy_port, t);
 	ip6 = ipv6_hdr(skb);
 	if (!ip6)
-		return TC_ACT_SHOT;
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1) {
 		metric_inc(WEFT_M_TO_STACK_V6, skb->len);
+		ev_forward(t, WEFT_M_TO_STACK_V6);
 		return TC_ACT_OK;
 	}
 	/* No header checksum in IPv6, and the hop limit is not in any upper-layer pseudo-header. */
 	ip6->hop_limit--;
-	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V6);
+	return deliver_local(skb, dst, WEFT_M_FWD_PEER_V6, t);
 }
 
 SEC("tc")
 int from_container(struct __sk_buff *skb)
 {
 	struct ethhdr *eth = eth_hdr(skb);
+	struct weft_flow flow = {};
+	struct ev_trace trace = {};
+	int verdict;
 
 	if (!eth) {
 		metric_inc(WEFT_M_DROP_INVALID, skb->len);
@@ -212,13 +215,17 @@ int from_container(struct __sk_buff *skb)
 	case bpf_htons(ETH_P_ARP):
 		return arp_respond(skb);
 	case bpf_htons(ETH_P_IP):
-		return from_container_v4(skb);
+		verdict = from_container_v4(skb, &flow, &trace);
+		break;
 	case bpf_htons(ETH_P_IPV6):
-		return from_container_v6(skb);
+		verdict = from_container_v6(skb, &flow, &trace);
+		break;
 	default:
 		metric_inc(WEFT_M_OTHER, skb->len);
 		return TC_ACT_OK;
 	}
+	ev_emit(skb, &flow, &trace);
+	return verdict;
 }
 
 /*
@@ -226,7 +233,7 @@ int from_container(struct __sk_buff *skb)
  * through it). The destination is the endpoint behind this interface; the peer's identity
  * comes from the ipcache (host, CIDR identities) or is world.
  */
-static __always_inline int enforce_to_container(struct __sk_buff *skb, struct weft_flow *flow)
+static __always_inline int enforce_to_container(struct __sk_buff *skb, struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *dst;
 	__u16 ignored_port = 0;
@@ -235,12 +242,19 @@ static __always_inline int enforce_to_container(struct __sk_buff *skb, struct we
 
 	dst = ep_of_ifindex(skb->ifindex);
 	if (!dst)
-		return TC_ACT_OK; /* not (yet) an endpoint: nothing to enforce */
-	status = ct_lookup(skb, flow);
+		return TC_ACT_OK; /* not (yet) an endpoint: nothing to enforce, nothing to report */
+	t->flags |= WEFT_EV_F_TO_ENDPOINT;
+	t->dst_ep_id = dst->ep_id;
+	t->dst_identity = dst->identity;
+	t->verdict = WEFT_VERDICT_FORWARDED;
+	t->reason = flow->key.family == WEFT_FAMILY_V4 ? WEFT_M_TO_POD_V4 : WEFT_M_TO_POD_V6;
+	status = ct_lookup(skb, flow, t);
+	/* A reply entering the pod belongs to a connection the pod opened. */
+	t->direction = status == CT_REPLY ? WEFT_DIR_EGRESS : WEFT_DIR_INGRESS;
 	if (status == CT_REPLY || status == CT_RELATED || flow_is_icmp6_nd(flow))
 		return TC_ACT_OK;
-	verdict = policy_enforce(skb, dst, ipcache_identity(flow->key.family, flow->key.saddr), WEFT_DIR_INGRESS,
-				 flow, status == CT_NEW, &ignored_port);
+	t->src_identity = ipcache_identity(flow->key.family, flow->key.saddr);
+	verdict = policy_enforce(skb, dst, t->src_identity, WEFT_DIR_INGRESS, flow, status == CT_NEW, &ignored_port, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (status == CT_NEW)
@@ -253,6 +267,7 @@ int to_container(struct __sk_buff *skb)
 {
 	struct ethhdr *eth = eth_hdr(skb);
 	struct weft_flow flow = {};
+	struct ev_trace trace = {};
 	struct ipv6hdr *ip6;
 	struct iphdr *ip;
 	__u32 metric;
@@ -284,7 +299,8 @@ int to_container(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_OK; /* ARP and the like: link housekeeping, not policy's concern */
 	}
-	verdict = enforce_to_container(skb, &flow);
+	verdict = enforce_to_container(skb, &flow, &trace);
+	ev_emit(skb, &flow, &trace);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	metric_inc(metric, skb->len);

@@ -83,4 +83,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_fqdn SEC(".maps");
 
+/* Verdict events for the agent (struct weft_event records, see lib/events.h). The agent may
+ * resize it before load (node config), replacing a pin of another size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, WEFT_EVENTS_RING_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_events SEC(".maps");
+
+/* One entry: which packets become events (struct weft_event_config). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct weft_event_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_event_cfg SEC(".maps");
+
 #endif

@@ -16,12 +16,14 @@
 #include "common.h"
 #include "metrics.h"
 #include "flow.h"
+#include "events.h"
 
 #ifndef BPF_F_CURRENT_NETNS
 #define BPF_F_CURRENT_NETNS (-1L)
 #endif
 
-static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct weft_flow *flow, __u16 proxy_port)
+static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct weft_flow *flow, __u16 proxy_port,
+					  struct ev_trace *t)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
@@ -29,6 +31,8 @@ static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct we
 	long err;
 
 	skb->mark = (skb->mark & ~WEFT_MARK_MASK) | WEFT_MARK_TO_PROXY;
+	t->verdict = WEFT_VERDICT_REDIRECTED;
+	t->reason = WEFT_M_REDIRECT_DNS_PROXY;
 	if (flow->key.proto == IPPROTO_TCP && !(flow->tcp_flags & TCP_FLAG_SYN && !(flow->tcp_flags & TCP_FLAG_ACK))) {
 		metric_inc(WEFT_M_REDIRECT_DNS_PROXY, skb->len);
 		return TC_ACT_OK;
@@ -50,16 +54,12 @@ static __always_inline int proxy_redirect(struct __sk_buff *skb, const struct we
 		sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
 	else
 		sk = bpf_sk_lookup_udp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		metric_inc(WEFT_M_DROP_PROXY_DOWN, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (!sk)
+		return ev_drop(skb, t, WEFT_M_DROP_PROXY_DOWN);
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	if (err) {
-		metric_inc(WEFT_M_DROP_PROXY_DOWN, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (err)
+		return ev_drop(skb, t, WEFT_M_DROP_PROXY_DOWN);
 	metric_inc(WEFT_M_REDIRECT_DNS_PROXY, skb->len);
 	return TC_ACT_OK;
 }

@@ -91,7 +91,8 @@ enum weft_metric {
 	WEFT_M_REDIRECT_DNS_PROXY = 18,  /* a DNS packet handed to the node's DNS proxy */
 	WEFT_M_DROP_PROXY_DOWN = 19,     /* policy redirects it to the DNS proxy, which has no socket */
 	WEFT_M_FQDN_ALLOW = 20,          /* allowed through an address the DNS proxy learned */
-	WEFT_M__COUNT = 21,
+	WEFT_M_EVENTS_LOST = 21,         /* a verdict event found weft_events full: not reported */
+	WEFT_M__COUNT = 22,
 };
 
 #define WEFT_DIR_INGRESS 0
@@ -162,7 +163,11 @@ struct weft_ct_value {
 	__u64 packets;
 	__u64 bytes;
 	__u32 flags;
-	__u32 pad;
+	/* TCP flags (WEFT_EV_REPORT_TCP_FLAGS only) seen so far in each direction: a packet showing
+	 * one not seen before is reported as an event at the default aggregation level. */
+	__u8 tx_flags_seen;
+	__u8 rx_flags_seen;
+	__u16 pad;
 };
 _Static_assert(sizeof(struct weft_ct_value) == 40, "weft_ct_value size");
 
@@ -201,5 +206,70 @@ struct weft_fqdn_value {
 	struct weft_fqdn_slot slots[WEFT_FQDN_SLOTS];
 };
 _Static_assert(sizeof(struct weft_fqdn_value) == 64, "weft_fqdn_value size");
+
+/*
+ * Verdict events: one record per reported packet in the `weft_events` ring buffer, read by the
+ * agent (weft observe). Which packets are reported is the aggregation level in
+ * `weft_event_cfg` (one entry, written by the agent at load):
+ *   WEFT_EV_LEVEL_ALL     every packet that met a verdict
+ *   WEFT_EV_LEVEL_MEDIUM  every drop; forwarded/redirected packets only when they open a
+ *                         connection, are its first reply, or show a TCP flag of
+ *                         WEFT_EV_REPORT_TCP_FLAGS not seen before in their direction (so a
+ *                         connection's SYN, SYN-ACK, FIN and RST, never its bulk data)
+ *   WEFT_EV_LEVEL_DROPS   drops only
+ *   WEFT_EV_LEVEL_OFF     nothing
+ * A record that finds the ring full is counted in WEFT_M_EVENTS_LOST, never dropped silently.
+ */
+#define WEFT_EVENT_VERSION 1
+#define WEFT_EVENTS_RING_BYTES (1 << 20) /* default ring size; the agent may size it otherwise */
+#define WEFT_EV_LEVEL_ALL 0
+#define WEFT_EV_LEVEL_MEDIUM 1
+#define WEFT_EV_LEVEL_DROPS 2
+#define WEFT_EV_LEVEL_OFF 3
+#define WEFT_EV_REPORT_TCP_FLAGS 0x07 /* FIN, SYN, RST */
+
+#define WEFT_VERDICT_FORWARDED 1
+#define WEFT_VERDICT_DROPPED 2
+#define WEFT_VERDICT_REDIRECTED 3 /* handed to the node's DNS proxy */
+
+#define WEFT_EV_F_REPLY 0x1       /* the packet is a reply of a tracked connection */
+#define WEFT_EV_F_CT_NEW 0x2      /* the packet opened a connection */
+#define WEFT_EV_F_TO_ENDPOINT 0x4 /* observed in to_container (towards the pod), else from_container */
+#define WEFT_EV_F_POLICY 0x8      /* a policy lookup in an enforced direction judged the packet */
+#define WEFT_EV_F_REPORT 0x10     /* medium level: worth reporting (new connection or flag change) */
+#define WEFT_EV_F_RELATED 0x20    /* an ICMP error about a tracked connection */
+
+struct weft_event {
+	__u8 version;     /* WEFT_EVENT_VERSION */
+	__u8 verdict;     /* WEFT_VERDICT_* */
+	__u8 reason;      /* enum weft_metric: the drop's reason, or the path a forwarded packet took */
+	__u8 flags;       /* WEFT_EV_F_* */
+	__u8 family;      /* WEFT_FAMILY_* */
+	__u8 proto;       /* IP protocol */
+	__u8 tcp_flags;   /* the TCP header's flags byte (FIN 0x01 ... CWR 0x80) */
+	__u8 direction;   /* WEFT_DIR_* of the connection, seen from the endpoint of `ifindex` */
+	__u8 saddr[16];   /* network byte order; IPv4 in [0..3] */
+	__u8 daddr[16];
+	__be16 sport;     /* ICMP echo: the identifier (request: sport, reply: dport) */
+	__be16 dport;
+	__u16 policy_port; /* host order: destination port, or the ICMP type */
+	__u16 pad;
+	__u32 ifindex;    /* host-side veth the packet was seen on */
+	__u32 src_ep_id;  /* local endpoint ids, 0 = not a local endpoint */
+	__u32 dst_ep_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 egress_cookie;  /* weft_policy_value.cookie of the entry that decided egress (0: none) */
+	__u32 ingress_cookie; /* same for ingress */
+	__u32 pkt_len;
+	__u64 ts_ns;      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+};
+_Static_assert(sizeof(struct weft_event) == 88, "weft_event size");
+
+struct weft_event_config {
+	__u32 level; /* WEFT_EV_LEVEL_* */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct weft_event_config) == 8, "weft_event_config size");
 
 #endif /* WEFT_SHARED_ABI_H */

@@ -132,6 +132,7 @@ class Metric(IntEnum):
     REDIRECT_DNS_PROXY = 18  # a DNS packet handed to the node's DNS proxy
     DROP_PROXY_DOWN = 19  # policy redirects it to the DNS proxy, which has no socket
     FQDN_ALLOW = 20  # allowed through an address the DNS proxy learned
+    EVENTS_LOST = 21  # a verdict event found weft_events full (not reported, but counted)
 
     @property
     def counter_name(self) -> str:
@@ -139,7 +140,7 @@ class Metric(IntEnum):
         return self.name.lower()
 
 
-METRIC_COUNT = 21  # WEFT_M__COUNT
+METRIC_COUNT = 22  # WEFT_M__COUNT
 
 # Why a packet was dropped, in words (Hubble's drop_reason_desc style), by metric.
 DROP_REASONS: dict[Metric, str] = {
@@ -226,7 +227,8 @@ class CtKey(ctypes.Structure):
 
 class CtValue(ctypes.Structure):
     """``struct weft_ct_value { __u64 created_ns; __u64 last_seen_ns; __u64 packets; __u64 bytes;
-    __u32 flags; __u32 pad; }``"""
+    __u32 flags; __u8 tx_flags_seen; __u8 rx_flags_seen; __u16 pad; }`` (flags seen: the TCP
+    flags of EV_REPORT_TCP_FLAGS seen per direction, for event aggregation)"""
 
     _fields_ = [
         ("created_ns", ctypes.c_uint64),
@@ -234,7 +236,9 @@ class CtValue(ctypes.Structure):
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("tx_flags_seen", ctypes.c_uint8),
+        ("rx_flags_seen", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
     ]
 
 class FqdnKey(ctypes.Structure):
@@ -266,6 +270,83 @@ class FqdnValue(ctypes.Structure):
     """``struct weft_fqdn_value { struct weft_fqdn_slot slots[WEFT_FQDN_SLOTS]; }``"""
 
     _fields_ = [("slots", FqdnSlot * FQDN_SLOTS)]
+
+
+# Verdict events (struct weft_event in the weft_events ring buffer).
+EVENT_VERSION = 1  # WEFT_EVENT_VERSION
+EVENTS_RING_BYTES = 1 << 20  # WEFT_EVENTS_RING_BYTES: the ring's default size
+EV_LEVEL_ALL = 0  # WEFT_EV_LEVEL_ALL: every packet that met a verdict
+EV_LEVEL_MEDIUM = 1  # WEFT_EV_LEVEL_MEDIUM: drops; connection opens, first replies, new SYN/FIN/RST
+EV_LEVEL_DROPS = 2  # WEFT_EV_LEVEL_DROPS
+EV_LEVEL_OFF = 3  # WEFT_EV_LEVEL_OFF
+EV_REPORT_TCP_FLAGS = 0x07  # WEFT_EV_REPORT_TCP_FLAGS: FIN, SYN, RST
+VERDICT_FORWARDED = 1  # WEFT_VERDICT_FORWARDED
+VERDICT_DROPPED = 2  # WEFT_VERDICT_DROPPED
+VERDICT_REDIRECTED = 3  # WEFT_VERDICT_REDIRECTED: handed to the DNS proxy
+EV_F_REPLY = 0x1  # WEFT_EV_F_REPLY
+EV_F_CT_NEW = 0x2  # WEFT_EV_F_CT_NEW
+EV_F_TO_ENDPOINT = 0x4  # WEFT_EV_F_TO_ENDPOINT: seen in to_container
+EV_F_POLICY = 0x8  # WEFT_EV_F_POLICY: judged by a policy lookup in an enforced direction
+EV_F_REPORT = 0x10  # WEFT_EV_F_REPORT
+EV_F_RELATED = 0x20  # WEFT_EV_F_RELATED
+
+
+class Event(ctypes.Structure):
+    """One record of ``weft_events`` (``struct weft_event``, 88 bytes; see weft_abi.h)::
+
+        __u8 version, verdict, reason, flags, family, proto, tcp_flags, direction;
+        __u8 saddr[16], daddr[16]; __be16 sport, dport; __u16 policy_port, pad;
+        __u32 ifindex, src_ep_id, dst_ep_id, src_identity, dst_identity;
+        __u32 egress_cookie, ingress_cookie, pkt_len; __u64 ts_ns;
+
+    ``reason`` is a :class:`Metric`; ``ts_ns`` is CLOCK_MONOTONIC.
+    """
+
+    _fields_ = [
+        ("version", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("tcp_flags", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("policy_port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("ifindex", ctypes.c_uint32),
+        ("src_ep_id", ctypes.c_uint32),
+        ("dst_ep_id", ctypes.c_uint32),
+        ("src_identity", ctypes.c_uint32),
+        ("dst_identity", ctypes.c_uint32),
+        ("egress_cookie", ctypes.c_uint32),
+        ("ingress_cookie", ctypes.c_uint32),
+        ("pkt_len", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+    ]
+
+    def _addr(self, raw: bytes) -> IPAddress:
+        return ipaddress.IPv4Address(raw[:4]) if self.family == FAMILY_V4 else ipaddress.IPv6Address(raw)
+
+    def source(self) -> IPAddress:
+        return self._addr(bytes(self.saddr))
+
+    def destination(self) -> IPAddress:
+        return self._addr(bytes(self.daddr))
+
+    def ports(self) -> tuple[int, int]:
+        """(source, destination) port in host order."""
+        return (int.from_bytes(int(self.sport).to_bytes(2, "little"), "big"),
+                int.from_bytes(int(self.dport).to_bytes(2, "little"), "big"))
+
+
+class EventConfig(ctypes.Structure):
+    """``struct weft_event_config { __u32 level; __u32 pad; }`` (the one entry of weft_event_cfg)."""
+
+    _fields_ = [("level", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Callable
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
 from typing import Any, TypeAlias
 
@@ -144,6 +145,13 @@ _map_name = _decl("bpf_map__name", c_char_p, c_void_p)
 _map_set_pin_path = _decl("bpf_map__set_pin_path", c_int, c_void_p, c_char_p)
 _map_fd = _decl("bpf_map__fd", c_int, c_void_p)
 _map_max_entries = _decl("bpf_map__max_entries", c_uint32, c_void_p)
+_map_set_max_entries = _decl("bpf_map__set_max_entries", c_int, c_void_p, c_uint32)
+# Ring buffer consumer: the callback runs inside ring_buffer__poll/consume, on the caller's thread.
+RingBufferSampleFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+_rb_new = _decl("ring_buffer__new", c_void_p, c_int, RingBufferSampleFn, c_void_p, c_void_p)
+_rb_poll = _decl("ring_buffer__poll", c_int, c_void_p, c_int)
+_rb_consume = _decl("ring_buffer__consume", c_int, c_void_p)
+_rb_free = _decl("ring_buffer__free", None, c_void_p)
 # Low-level API (file descriptors).
 _update = _decl("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, c_uint64)
 _lookup = _decl("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
@@ -272,6 +280,11 @@ class BpfObject:
     def map_max_entries(self, name: str) -> int:
         return int(_map_max_entries(self._map(name)))
 
+    def set_map_max_entries(self, name: str, max_entries: int) -> None:
+        """Before load: size a map otherwise than the object says (a ring buffer: bytes, a power
+        of two multiple of the page size)."""
+        _check("bpf_map__set_max_entries", _map_set_max_entries(self._map(name), max_entries), name)
+
     def prog_fd(self, name: str) -> int:
         return _check("bpf_program__fd", _prog_fd(self._prog(name)), name)
 
@@ -387,3 +400,42 @@ def prog_test_run(prog_fd: int, data: bytes, ctx: bytes | None = None, out_size:
 def num_possible_cpus() -> int:
     """The number of per-CPU slots in a per-CPU map value (possible, not online, CPUs)."""
     return _check("libbpf_num_possible_cpus", _num_cpus())
+
+
+class RingBuffer:
+    """A consumer of one BPF ring buffer map. ``on_record`` gets each record's bytes (a copy);
+    it runs inside :meth:`poll` on the calling thread and must not raise (an exception would be
+    lost inside the C callback: catch and count it in the handler)."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+        def sample(_ctx: int | None, data: int | None, size: int) -> int:
+            on_record(ctypes.string_at(data, size) if data else b"")
+            return 0
+
+        # Keep the C callback referenced for the ring's lifetime: libbpf calls it later.
+        self._callback = RingBufferSampleFn(sample)
+        ptr = _rb_new(map_fd, self._callback, None, None)
+        if not ptr:
+            raise BpfError("ring_buffer__new", _errno_or(errno.EINVAL), f"map fd {map_fd}")
+        self._ptr: int | None = int(ptr)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for records and consume what is there: the number consumed.
+        An interrupted wait (EINTR) counts as none."""
+        if self._ptr is None:
+            raise BpfError("ring_buffer__poll", errno.EBADF, "ring buffer is closed")
+        ret = int(_rb_poll(self._ptr, timeout_ms))
+        if ret == -errno.EINTR:
+            return 0
+        return _check("ring_buffer__poll", ret)
+
+    def consume(self) -> int:
+        """Consume what is there without waiting."""
+        if self._ptr is None:
+            raise BpfError("ring_buffer__consume", errno.EBADF, "ring buffer is closed")
+        return _check("ring_buffer__consume", int(_rb_consume(self._ptr)))
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            _rb_free(self._ptr)
+            self._ptr = None

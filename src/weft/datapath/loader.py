@@ -27,7 +27,8 @@ from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container")
-MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn")
+MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn",
+        "weft_events", "weft_event_cfg")
 # One fixed priority and handle: `replace` finds the filter by both, so a re-attach swaps the
 # program in place (no moment without a filter) instead of adding a second one.
 TC_PRIO = 1
@@ -109,9 +110,14 @@ class NodeDatapath:
     Not thread-safe: the agent drives it from a single worker thread.
     """
 
-    def __init__(self, pin_dir: Path, obj_path: Path) -> None:
+    def __init__(self, pin_dir: Path, obj_path: Path, events_ring_bytes: int | None = None,
+                 event_level: int = abi.EV_LEVEL_MEDIUM) -> None:
+        """``events_ring_bytes``: size of the verdict event ring (None: the object's default);
+        ``event_level``: which packets become events (abi.EV_LEVEL_*)."""
         self.pin_dir = Path(pin_dir)
         self.obj_path = Path(obj_path)
+        self.events_ring_bytes = events_ring_bytes
+        self.event_level = event_level
         self._obj: libbpf.BpfObject | None = None
         self._endpoints: BpfHashMap[abi.EpKey, abi.EpValue] | None = None
         self._lxc: BpfHashMap[ctypes.c_uint32, abi.EpValue] | None = None
@@ -143,6 +149,9 @@ class NodeDatapath:
         try:
             for name in obj.map_names():
                 obj.set_pin_path(name, str(self.pin_dir / name))
+            if self.events_ring_bytes is not None:
+                obj.set_map_max_entries("weft_events", self.events_ring_bytes)
+            self._drop_resized_events_pin(obj.map_max_entries("weft_events"))
             try:
                 obj.load()
             except libbpf.BpfError as exc:
@@ -160,6 +169,9 @@ class NodeDatapath:
             ipcache = BpfHashMap(obj.map_fd("weft_ipcache"), abi.IpcacheKey, abi.IpcacheValue)
             ct = BpfHashMap(obj.map_fd("weft_ct"), abi.CtKey, abi.CtValue)
             fqdn = BpfHashMap(obj.map_fd("weft_fqdn"), abi.FqdnKey, abi.FqdnValue)
+            # Before any program is attached by this load: which packets become events.
+            libbpf.map_update(obj.map_fd("weft_event_cfg"), ctypes.c_uint32(0),
+                              abi.EventConfig(level=self.event_level))
             prog_fds = {name: obj.prog_fd(name) for name in obj.program_names()}
             missing = set(PROGRAMS) - set(prog_fds)
             if missing:
@@ -181,6 +193,28 @@ class NodeDatapath:
         self._by_ifindex = {}
         for key, value in endpoints.items():
             self._by_ifindex.setdefault(int(value.ifindex), set()).add(key.ip())
+
+    def _drop_resized_events_pin(self, want_bytes: int) -> None:
+        """A pinned event ring of another size cannot be reused (libbpf refuses it): it holds
+        only events not read yet, so it is replaced; the programs are re-attached with the new
+        ring by the agent's reconcile."""
+        pin = self.pin_dir / "weft_events"
+        if not pin.exists():
+            return
+        fd = libbpf.obj_get(str(pin))
+        try:
+            have = int(libbpf.map_get_info(fd).max_entries)
+        finally:
+            os.close(fd)
+        if have != want_bytes:
+            pin.unlink()
+
+    def events_fd(self) -> int:
+        """The fd of the verdict event ring (owned by this object; do not close)."""
+        return self._need().map_fd("weft_events")
+
+    def events_ring_size(self) -> int:
+        return self._need().map_max_entries("weft_events")
 
     def _pin_programs(self, prog_fds: dict[str, int]) -> None:
         progs_dir = self.pin_dir / "progs"
