@@ -21,6 +21,8 @@ CIDR identities carry ``cidr:<prefix>`` and ``reserved:world``, so ``world`` sel
 
 from __future__ import annotations
 
+import bisect
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
@@ -33,6 +35,22 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 POD_NAMESPACE_KEY = f"k8s:{NAMESPACE_LABEL}"
 ANY_NAMESPACE_KEY = f"any:{NAMESPACE_LABEL}"
 NAMESPACE_LABELS_KEY_PREFIX = "io.cilium.k8s.namespace.labels."
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parse_network(text: str) -> IPNetwork:
+    """``ipaddress.ip_network`` of a prefix policies name, parsed once: CIDR identities and
+    selectors are matched against each other far more often than new prefixes appear."""
+    return ipaddress.ip_network(text)
+
+
+def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
+    """``inner.subnet_of(outer)`` for prefixes of any family (False across families), on the
+    integers: the standard method builds addresses and is the hot spot of CIDR matching."""
+    if inner.version != outer.version or inner.prefixlen < outer.prefixlen:
+        return False
+    shift = inner.max_prefixlen - outer.prefixlen
+    return int(inner.network_address) >> shift == int(outer.network_address) >> shift
 
 
 class IdentityLabels:
@@ -48,7 +66,7 @@ class IdentityLabels:
         for label in labels:
             self.by_key.setdefault(label.key, []).append((label.source, label.value))
             if label.source == "cidr":
-                self.cidr = ipaddress.ip_network(label.key)
+                self.cidr = parse_network(label.key)
 
 
 @dataclass(frozen=True, order=True)
@@ -144,16 +162,9 @@ class CIDRSelector:
     excepts: tuple[str, ...] = ()
 
     def matches(self, ident: IdentityLabels) -> bool:
-        if ident.cidr is None:
+        if ident.cidr is None or not network_within(ident.cidr, parse_network(self.cidr)):
             return False
-        outer = ipaddress.ip_network(self.cidr)
-        if ident.cidr.version != outer.version or not ident.cidr.subnet_of(outer):  # type: ignore[arg-type]
-            return False
-        for text in self.excepts:
-            ex = ipaddress.ip_network(text)
-            if ident.cidr.subnet_of(ex):  # type: ignore[arg-type]
-                return False
-        return True
+        return not any(network_within(ident.cidr, parse_network(text)) for text in self.excepts)
 
     def __str__(self) -> str:
         return f"cidr:{self.cidr}" + (f" except {','.join(self.excepts)}" if self.excepts else "")
@@ -228,14 +239,42 @@ class SelectionChange:
     removed: frozenset[int]
 
 
+def _network_key(net: IPNetwork) -> tuple[int, int, int]:
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
+def _required_key(selector: Selector) -> str | None:
+    """A label key (without source) that every identity ``selector`` selects carries, or None.
+
+    Label selectors with an In or Exists requirement, and FQDN selectors, can only select
+    identities that have the key: the cache indexes them by it, so an identity is tested against
+    the selectors of its own keys only. Among several keys the namespace is the last choice: it
+    is on every pod of the namespace, so it narrows least."""
+    if isinstance(selector, FQDNSelector):
+        return selector.label_key
+    if isinstance(selector, LabelSelector):
+        names = [r.key.partition(":")[2] for r in selector.requirements if r.operator in ("In", "Exists")]
+        if names:
+            return min(names, key=lambda name: (name == NAMESPACE_LABEL, name))
+    return None
+
+
 @dataclass
 class SelectorCache:
     """Each registered selector -> the identities it selects, kept current incrementally.
 
     Selectors are registered with reference counts (several rules share a selector). Adding an
-    identity evaluates every selector against it once; adding a selector evaluates it against
-    every identity once; lookups are then dict reads. ``version`` changes whenever any
-    selection changes, and subscribers get the changes as they happen.
+    identity tests it against the selectors that can select it; adding a selector tests it
+    against the identities it can select; lookups are then dict reads. ``version`` changes
+    whenever any selection changes, and subscribers get the changes as they happen.
+
+    "Can select" comes from indexes, so that neither side is a scan of the other when there are
+    thousands of CIDR identities and selectors: label and FQDN selectors are indexed by a key
+    they require (:func:`_required_key`) and identities by their label keys; CIDR selectors by
+    their prefix, found from an identity's prefix by walking its supernets; CIDR identities in a
+    list sorted by address, where a selector's prefix is one contiguous range. Selectors without
+    a required key (entities, the wildcard, only NotIn/DoesNotExist) are tested against every
+    identity, as before.
     """
 
     _identities: dict[int, IdentityLabels] = field(default_factory=dict)
@@ -243,6 +282,14 @@ class SelectorCache:
     _refs: dict[Selector, int] = field(default_factory=dict)
     _selected_by: dict[int, set[Selector]] = field(default_factory=dict)
     _subscribers: list[Callable[[list[SelectionChange]], None]] = field(default_factory=list)
+    # label key -> identities with a label of that key (any source)
+    _ids_by_key: dict[str, set[int]] = field(default_factory=dict)
+    # (version, network as int, prefix length, identity) of every identity with a cidr label, sorted
+    _cidr_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # registered selectors, by how an identity finds them (see the class docstring)
+    _by_key: dict[str, set[Selector]] = field(default_factory=dict)
+    _by_network: dict[tuple[int, int, int], set[CIDRSelector]] = field(default_factory=dict)
+    _unindexed: set[Selector] = field(default_factory=set)
     version: int = 0
 
     # -- selectors
@@ -251,10 +298,11 @@ class SelectorCache:
             self._refs[selector] += 1
             return frozenset(self._selections[selector])
         self._refs[selector] = 1
-        chosen = {i for i, lbl in self._identities.items() if selector.matches(lbl)}
+        chosen = self._select(selector)
         self._selections[selector] = chosen
         for i in chosen:
             self._selected_by.setdefault(i, set()).add(selector)
+        self._index_selector(selector, add=True)
         return frozenset(chosen)
 
     def remove_selector(self, selector: Selector) -> None:
@@ -262,7 +310,9 @@ class SelectorCache:
         if count > 0:
             self._refs[selector] = count
             return
-        self._refs.pop(selector, None)
+        if self._refs.pop(selector, None) is None:
+            return
+        self._index_selector(selector, add=False)
         for i in self._selections.pop(selector, set()):
             users = self._selected_by.get(i)
             if users is not None:
@@ -273,7 +323,7 @@ class SelectorCache:
         got = self._selections.get(selector)
         if got is not None:
             return frozenset(got)
-        return frozenset(i for i, lbl in self._identities.items() if selector.matches(lbl))
+        return frozenset(self._select(selector))
 
     def selection_view(self, selector: Selector) -> Set[int]:
         """Like :meth:`selections` without the copy (read only; it changes with the cache)."""
@@ -287,12 +337,94 @@ class SelectorCache:
     def selectors(self) -> list[Selector]:
         return list(self._refs)
 
+    def fqdn_selectors(self) -> list[FQDNSelector]:
+        """The registered toFQDNs selectors (found through the index, not by a scan)."""
+        return [s for users in self._by_key.values() for s in users if isinstance(s, FQDNSelector)]
+
     def identities(self) -> dict[int, LabelSet]:
         return {i: lbl.labels for i, lbl in self._identities.items()}
 
     def labels_of(self, ident: int) -> LabelSet | None:
         got = self._identities.get(ident)
         return got.labels if got is not None else None
+
+    # -- indexes
+    def _select(self, selector: Selector) -> set[int]:
+        """The known identities ``selector`` selects, testing only those it can select."""
+        candidates: Iterable[int]
+        if isinstance(selector, CIDRSelector):
+            outer = parse_network(selector.cidr)
+            rows = self._cidr_rows
+            lo = bisect.bisect_left(rows, (outer.version, int(outer.network_address), -1, -1))
+            hi = bisect.bisect_right(rows, (outer.version, int(outer.broadcast_address), outer.max_prefixlen + 1, 0))
+            candidates = [row[3] for row in rows[lo:hi]]
+        else:
+            key = _required_key(selector)
+            candidates = self._ids_by_key.get(key, ()) if key is not None else self._identities
+        identities = self._identities
+        return {i for i in candidates if selector.matches(identities[i])}
+
+    def _candidate_selectors(self, entry: IdentityLabels) -> set[Selector]:
+        """The registered selectors that may select ``entry`` (a superset of those that do)."""
+        out = set(self._unindexed)
+        for name in entry.by_key:
+            users = self._by_key.get(name)
+            if users:
+                out |= users
+        net = entry.cidr
+        if net is not None and self._by_network:
+            addr, bits = int(net.network_address), net.max_prefixlen
+            for plen in range(net.prefixlen + 1):
+                shift = bits - plen
+                found = self._by_network.get((net.version, addr >> shift << shift, plen))
+                if found:
+                    out |= found
+        return out
+
+    def _index_selector(self, selector: Selector, *, add: bool) -> None:
+        if isinstance(selector, CIDRSelector):
+            net_key = _network_key(parse_network(selector.cidr))
+            cidr_bucket = self._by_network.setdefault(net_key, set())
+            if add:
+                cidr_bucket.add(selector)
+            else:
+                cidr_bucket.discard(selector)
+                if not cidr_bucket:
+                    del self._by_network[net_key]
+            return
+        key = _required_key(selector)
+        if key is None:
+            if add:
+                self._unindexed.add(selector)
+            else:
+                self._unindexed.discard(selector)
+            return
+        bucket = self._by_key.setdefault(key, set())
+        if add:
+            bucket.add(selector)
+        else:
+            bucket.discard(selector)
+            if not bucket:
+                del self._by_key[key]
+
+    def _index_identity(self, entry: IdentityLabels, *, add: bool) -> None:
+        for name in entry.by_key:
+            if add:
+                self._ids_by_key.setdefault(name, set()).add(entry.ident)
+                continue
+            ids = self._ids_by_key.get(name)
+            if ids is not None:
+                ids.discard(entry.ident)
+                if not ids:
+                    del self._ids_by_key[name]
+        if entry.cidr is not None:
+            row = (*_network_key(entry.cidr), entry.ident)
+            at = bisect.bisect_left(self._cidr_rows, row)
+            present = at < len(self._cidr_rows) and self._cidr_rows[at] == row
+            if add and not present:
+                self._cidr_rows.insert(at, row)
+            elif not add and present:
+                del self._cidr_rows[at]
 
     # -- identities
     def subscribe(self, callback: Callable[[list[SelectionChange]], None]) -> None:
@@ -305,8 +437,10 @@ class SelectorCache:
         added: dict[Selector, set[int]] = {}
         removed: dict[Selector, set[int]] = {}
         for ident in remove:
-            if self._identities.pop(ident, None) is None:
+            gone = self._identities.pop(ident, None)
+            if gone is None:
                 continue
+            self._index_identity(gone, add=False)
             for sel in self._selected_by.pop(ident, set()):
                 self._selections[sel].discard(ident)
                 removed.setdefault(sel, set()).add(ident)
@@ -315,9 +449,12 @@ class SelectorCache:
             if old is not None and old.labels == labels:
                 continue
             entry = IdentityLabels(ident, labels)
+            if old is not None:
+                self._index_identity(old, add=False)
             self._identities[ident] = entry
+            self._index_identity(entry, add=True)
             before = self._selected_by.get(ident, set())
-            after = {sel for sel in self._refs if sel.matches(entry)}
+            after = {sel for sel in self._candidate_selectors(entry) if sel.matches(entry)}
             for sel in after - before:
                 self._selections[sel].add(ident)
                 added.setdefault(sel, set()).add(ident)
