@@ -33,6 +33,7 @@ from typing import Any
 
 from weft.agent.client import AgentClient
 from weft.cni.launcher import write_launcher
+from weft.dnsproxy.control import ProxyCallError, ProxyClient, ProxyUnavailable
 from weft.ipam.pool import ClusterPool, IPFamilies, default_pools
 from weft.lab import world as plan
 from weft.lab.runtime import CniRuntime
@@ -89,6 +90,11 @@ class NodeInfo:
     conf_dir: str
     agent_pid: int = 0
     uplink: list[str] = field(default_factory=list)  # eth0's addresses on the underlay (none: no world)
+    proxy_pid: int = 0  # the node's DNS proxy (a process of its own, like in Cilium's standalone mode)
+
+    @property
+    def proxy_socket(self) -> Path:
+        return Path(self.config_path).parent / "state" / "dnsproxy" / "proxy.sock"
 
 
 @dataclass
@@ -205,6 +211,8 @@ class Lab:
                 say(f"node {node.name}: netns {node.netns}")
                 self.start_agent(state, node.name)
                 say(f"node {node.name}: agent ready")
+                self.start_dnsproxy(state, node.name)
+                say(f"node {node.name}: DNS proxy ready")
             if world_ready:
                 world_ready()
                 dns = self._add_kube_dns(state)
@@ -336,6 +344,48 @@ class Lab:
 
         wait_for(f"agent of {node.name}", ready, timeout=30)
         return proc.pid
+
+    # ------------------------------------------------------------------ DNS proxy
+    def start_dnsproxy(self, state: LabState, node_name: str) -> int:
+        """Start the node's DNS proxy. With one already running, the new process takes its
+        sockets over (no query lost) and the old one exits once its queries in flight are done:
+        that is also how a restart or an upgrade is done (:meth:`restart_dnsproxy`)."""
+        node = self.node(state, node_name)
+        log_path = Path(node.config_path).parent / "dnsproxy.log"
+        proc = self._spawn(_in_netns(node.netns, [sys.executable, "-m", "weft.dnsproxy.main", "--config",
+                                                  node.config_path]), log_path)
+        client = ProxyClient(node.proxy_socket, timeout=5)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"DNS proxy of {node.name} exited with {proc.returncode}; see {log_path}")
+            try:
+                status = client.status()
+            except (ProxyUnavailable, ProxyCallError):
+                return False
+            return int(status.get("pid", 0)) == proc.pid and bool(status.get("ready", True))
+
+        wait_for(f"DNS proxy of {node.name}", ready, timeout=30)
+        node.proxy_pid = proc.pid
+        self.save(state)
+        return proc.pid
+
+    def restart_dnsproxy(self, state: LabState, node_name: str) -> int:
+        """A zero-outage restart: the new proxy takes the sockets over, the old one exits."""
+        old = self.node(state, node_name).proxy_pid
+        pid = self.start_dnsproxy(state, node_name)
+        if old and old != pid:
+            wait_for(f"old DNS proxy pid {old} to exit", lambda: not _alive(old), timeout=30)
+        return pid
+
+    def stop_dnsproxy(self, state: LabState, node_name: str, sig: int = signal.SIGTERM) -> None:
+        node = self.node(state, node_name)
+        pid = node.proxy_pid
+        if pid and _alive(pid):
+            os.kill(pid, sig)
+            wait_for(f"DNS proxy pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        node.proxy_pid = 0
+        self.save(state)
 
     def agent_alive(self, node_name: str) -> bool:
         node = self.node(self.load(), node_name)

@@ -419,11 +419,6 @@ def _check_cilium(
                 for j, fq in enumerate(fqdns or []):
                     if (fq.matchName is None) == (fq.matchPattern is None):
                         ctx.add((*loc, "toFQDNs", j), "set exactly one of matchName and matchPattern")
-                if fqdns:
-                    notes.append(
-                        f"{format_path((*loc, 'toFQDNs'))}: toFQDNs is accepted but selects no address yet "
-                        "(FQDN policy needs the DNS proxy)"
-                    )
 
 
 def _check_l7(l7: m.L7Rules, pr: m.PortRule, ploc: Loc, ingress: bool, ctx: _Context, notes: list[str]) -> None:
@@ -446,8 +441,11 @@ def _check_l7(l7: m.L7Rules, pr: m.PortRule, ploc: Loc, ingress: bool, ctx: _Con
             if pp.port in (None, "0"):
                 ctx.add((*ploc, "rules"), "L7 rules need a port other than 0")
                 break
+    if l7.http is not None:
+        # DNS rules are enforced by the node's DNS proxy; HTTP has no proxy yet.
         notes.append(
-            f"{format_path((*ploc, 'rules'))}: L7 rules are accepted but not enforced; the port is allowed at L4"
+            f"{format_path((*ploc, 'rules', 'http'))}: HTTP rules are accepted but not enforced; "
+            "the port is allowed at L4"
         )
 
 

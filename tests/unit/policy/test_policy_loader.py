@@ -650,7 +650,7 @@ def test_seed_policy_typography_is_explained() -> None:
 def test_seed_canonical_policy_validates() -> None:
     [policy] = load_policies(SEED_CANONICAL, "seed.yaml")
     assert policy.key == ("CiliumNetworkPolicy", "default", "allow-genai-to-blobstorage")
-    assert any("L7 rules are accepted but not enforced" in n for n in policy.notes)
+    assert not any("not enforced" in n for n in policy.notes)  # DNS rules go through the DNS proxy
     assert any("toFQDNs is accepted" in n for n in policy.notes)
     # The repair the typography scan suggests fixes every character problem of the seed.
     assert not any("quote" in i.message or "list marker" in i.message for i in scan(normalize(seed_policy_block())))
