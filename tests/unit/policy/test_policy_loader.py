@@ -651,7 +651,6 @@ def test_seed_canonical_policy_validates() -> None:
     [policy] = load_policies(SEED_CANONICAL, "seed.yaml")
     assert policy.key == ("CiliumNetworkPolicy", "default", "allow-genai-to-blobstorage")
     assert not any("not enforced" in n for n in policy.notes)  # DNS rules go through the DNS proxy
-    assert any("toFQDNs is accepted" in n for n in policy.notes)
     # The repair the typography scan suggests fixes every character problem of the seed.
     assert not any("quote" in i.message or "list marker" in i.message for i in scan(normalize(seed_policy_block())))
 
