@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from weft.dnsproxy.config import DnsProxySettings
 from weft.ipam.pool import IPFamilies
+from weft.observe.config import FlowSettings
 
 
 class NodeConfig(BaseModel):
@@ -28,6 +29,8 @@ class NodeConfig(BaseModel):
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     # The node's DNS proxy (a process of its own, reading this same file).
     dns_proxy: DnsProxySettings = Field(default_factory=DnsProxySettings)
+    # Flows (weft observe): event aggregation level, flow ring size, flow log.
+    flows: FlowSettings = Field(default_factory=FlowSettings)
 
     @field_validator("pod_block_v4", "pod_block_v6")
     @classmethod

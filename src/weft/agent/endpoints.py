@@ -31,12 +31,14 @@ from weft.agent.errors import (
     UNKNOWN_CONTAINER,
     AgentError,
 )
+from weft.agent.flows import FlowObserver
 from weft.agent.policy import PolicyController
 from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
 from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
 from weft.ipam.pool import PoolExhausted, default_pools, gateway_of
+from weft.observe.flow import EndpointView, Enrichment
 from weft.types.addresses import IPAddress
 from weft.types.labels import format_labels, pod_labels
 
@@ -59,9 +61,30 @@ class EndpointManager:
                                  | {str(block) for block in self.blocks.values()}),
         )
         self.reaper = veth.LinkReaper()
+        self.flows = FlowObserver(config.node_name, datapath, config.flows, config.state_dir)
+        self.flows.set_enrichment(self._flow_enrichment())
 
     def _save(self) -> None:
         self.store.save(self.state)
+        # Every change of endpoints, labels or identities is saved: flows are enriched from then on.
+        self.flows.set_enrichment(self._flow_enrichment())
+
+    def _flow_enrichment(self) -> Enrichment:
+        """A snapshot of what flows are enriched with (read by the flow reader thread)."""
+        by_ip: dict[str, EndpointView] = {}
+        by_id: dict[int, EndpointView] = {}
+        interfaces: dict[int, str] = {}
+        identity_labels = {ident: tuple(format_labels(labels))
+                           for labels, ident in self.state.identities.by_labels.items()}
+        for record in self.state.endpoints.values():
+            labels = identity_labels.get(record.identity, ())
+            view = EndpointView(record.ep_id, record.identity, record.pod_namespace, record.pod_name, labels)
+            by_id[record.ep_id] = view
+            by_ip.update((address, view) for address in record.addresses)
+            if record.host_ifindex:
+                interfaces[record.host_ifindex] = record.host_ifname
+        return Enrichment(node_name=self.config.node_name, endpoints_by_ip=by_ip, endpoints_by_id=by_id,
+                          interfaces=interfaces, identity_labels=identity_labels)
 
     def _publish_proxy_rules(self, rules: ProxyRules) -> None:
         """The DNS proxy's rules: written to its file first (a proxy that is down or restarting
@@ -315,6 +338,7 @@ class EndpointManager:
             "pending_link_deletions": self.reaper.pending(),
             "pin_dir": str(self.config.pin_dir),
             "dns_proxy": self._proxy_health(),
+            "flows": self.flows.status(),
         }
 
     def _proxy_health(self) -> dict[str, Any]:
@@ -414,7 +438,7 @@ class EndpointManager:
             "policy.apply": self.policy.apply, "policy.delete": self.policy.delete,
             "policy.list": self.policy.list_policies, "policy.get": self.policy.get,
             "policy.trace": lambda p: self.policy.trace(p, self._find_pod),
-            "endpoint.list": self.endpoint_list, "status": self.status,
+            "endpoint.list": self.endpoint_list, "status": self.status, "flows.get": self.flows.get,
             "ping": lambda p: {"node": self.config.node_name},
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
             "sync": lambda p: {"drained": self.reaper.drain(float(p.get("timeout", 30)))},

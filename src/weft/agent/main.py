@@ -42,9 +42,11 @@ def drain_del_queue(manager: EndpointManager, queue_dir: Path) -> list[str]:
 async def run(config: NodeConfig) -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
     loop = asyncio.get_running_loop()
-    datapath = NodeDatapath(config.pin_dir, config.bpf_object or default_object_path())
+    datapath = NodeDatapath(config.pin_dir, config.bpf_object or default_object_path(),
+                            events_ring_bytes=config.flows.events_ring_bytes, event_level=config.flows.level)
     await loop.run_in_executor(worker, datapath.load)
     manager = await loop.run_in_executor(worker, EndpointManager, config, datapath)
+    manager.flows.start()
     report = await loop.run_in_executor(worker, manager.reconcile)
     log.info("start-up reconcile: %s", report)
     drained = await loop.run_in_executor(worker, drain_del_queue, manager, config.del_queue_dir)
@@ -80,6 +82,7 @@ async def run(config: NodeConfig) -> None:
         task.cancel()
     await server.close()
     worker.shutdown(wait=True)
+    manager.flows.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,219 @@
+"""The agent's flow observer: a thread that reads the datapath's verdict events (weft_events),
+turns them into enriched flows, keeps the last N in the node's flow ring, writes the flow log,
+and serves ``flows.get`` (weft observe).
+
+Threads: the reader thread is the only writer of the ring and the log. Enrichment reads an
+immutable snapshot (:class:`weft.observe.flow.Enrichment`) that the agent's worker thread
+rebuilds whenever the agent's state is saved and swaps in whole. ``flows.get`` runs on the
+worker thread and only reads the ring (which has its own lock), so it never blocks on the reader.
+
+Loss is never silent: records the kernel could not put in the full ring are counted by the
+datapath (events_lost) and appear in the flow stream as lost events; records this agent could
+not read are counted too; a follower that fell behind the ring is told how much it missed. The
+kernel count the agent already reported is kept in the state directory, so losses while no agent
+ran are reported once, by the next agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from weft.agent.errors import BAD_REQUEST, AgentError
+from weft.datapath import libbpf
+from weft.datapath.loader import NodeDatapath
+from weft.observe import flow as flows
+from weft.observe.config import FlowSettings
+from weft.observe.filters import FilterError, Filters
+from weft.observe.flowlog import FlowLog
+from weft.observe.ring import FlowRing
+
+log = logging.getLogger("weft.agent.flows")
+POLL_MS = 100
+LOST_CHECK_S = 0.25
+MAX_PAGE = 10000  # flows in one flows.get answer; a follower gets the rest on its next call
+
+
+def wall_offset_ns() -> int:
+    """Add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get the wall clock."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+class FlowObserver:
+    def __init__(self, node_name: str, datapath: NodeDatapath, settings: FlowSettings, state_dir: Path) -> None:
+        self.node_name = node_name
+        self.datapath = datapath
+        self.settings = settings
+        self.ring = FlowRing(settings.ring_capacity)
+        self.flow_log = FlowLog(settings.log) if settings.log is not None else None
+        self.enrichment = flows.Enrichment(node_name=node_name)
+        self._lost_path = state_dir / "flows-lost.json"
+        self.kernel_lost_total = 0  # the datapath's events_lost, as last read
+        self.kernel_lost_reported = 0  # of which already in the flow stream
+        self.unreadable = 0  # records of another version or size
+        self.events = 0
+        self._batch: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ring: libbpf.RingBuffer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the ring on the caller's thread (errors surface at agent start), then read it
+        on a thread of its own."""
+        if self.settings.event_level == "off":
+            log.info("flow events are off (flows.event_level)")
+        self._ring = libbpf.RingBuffer(self.datapath.events_fd(), self._on_record)
+        self._load_reported()
+        self._thread = threading.Thread(target=self._run, name="flow-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self.flow_log is not None:
+            self.flow_log.close()
+
+    def set_enrichment(self, enrichment: flows.Enrichment) -> None:
+        self.enrichment = enrichment  # one reference swap: readers see the old or the new one
+
+    # ------------------------------------------------------------------ reader thread
+    def _run(self) -> None:
+        next_lost_check = 0.0
+        while not self._stop.is_set():
+            try:
+                assert self._ring is not None
+                self._ring.poll(POLL_MS)
+                self._flush()
+                now = time.monotonic()
+                if now >= next_lost_check:
+                    self._check_kernel_loss()
+                    next_lost_check = now + LOST_CHECK_S
+            except Exception:
+                # The reader must outlive any one bad record or transient error.
+                log.exception("flow reader")
+                self._stop.wait(1.0)
+
+    def _on_record(self, raw: bytes) -> None:
+        # Called inside poll(), on the reader thread: only collect, the batch is handled after.
+        self._batch.append(raw)
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        raw_records, self._batch = self._batch, []
+        offset = wall_offset_ns()
+        enrichment = self.enrichment
+        out: list[dict[str, Any]] = []
+        for raw in raw_records:
+            try:
+                event = flows.decode(raw)
+            except flows.UnknownRecord as exc:
+                self.unreadable += 1
+                if self.unreadable == 1:
+                    log.warning("unreadable flow event (counted, not shown): %s", exc)
+                continue
+            self.events += 1
+            out.extend(flows.to_responses(event, int(event.ts_ns) + offset, enrichment))
+        self._publish(out)
+
+    def _publish(self, responses: list[dict[str, Any]]) -> None:
+        if not responses:
+            return
+        self.ring.extend(responses)
+        if self.flow_log is not None:
+            try:
+                self.flow_log.write(responses)
+            except OSError as exc:
+                log.warning("flow log %s: %s", self.flow_log.settings.path, exc)
+
+    def _check_kernel_loss(self) -> None:
+        total = self.datapath.counters().get("events_lost", (0, 0))[0]
+        self.kernel_lost_total = total
+        if total < self.kernel_lost_reported:
+            self.kernel_lost_reported = 0  # the datapath's maps were made anew
+        delta = total - self.kernel_lost_reported
+        if delta <= 0:
+            return
+        self._publish([flows.lost_response(flows.LOST_KERNEL_RING, delta, self.node_name, time.time_ns())])
+        self.kernel_lost_reported = total
+        self._save_reported()
+
+    def _load_reported(self) -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            self.kernel_lost_reported = int(json.loads(self._lost_path.read_text())["kernel_reported"])
+
+    def _save_reported(self) -> None:
+        try:
+            self._lost_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._lost_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"kernel_reported": self.kernel_lost_reported}))
+            tmp.replace(self._lost_path)
+        except OSError as exc:
+            log.warning("cannot record reported flow losses in %s: %s", self._lost_path, exc)
+
+    # ------------------------------------------------------------------ API
+    def get(self, p: dict[str, Any]) -> dict[str, Any]:
+        """``flows.get``: params ``filters`` ({include, exclude}), ``after`` (a cursor from an
+        earlier answer: only what came since, for --follow), ``first``/``last``/``all``,
+        ``since``/``until`` (RFC 3339). Answers ``{"responses", "cursor", "node"}``; lost
+        events (kernel ring, this agent, the follower's own gap) are among the responses."""
+        try:
+            filters = Filters.from_json(p.get("filters"))
+            since = flows.parse_time(str(p["since"])) if p.get("since") else None
+            until = flows.parse_time(str(p["until"])) if p.get("until") else None
+        except (FilterError, ValueError) as exc:
+            raise AgentError(BAD_REQUEST, str(exc)) from exc
+        after = p.get("after")
+        first = _count(p, "first")
+        last = _count(p, "last")
+        if first is not None and last is not None:
+            raise AgentError(BAD_REQUEST, "first and last exclude each other")
+        if first is None and last is None and not p.get("all"):
+            last = MAX_PAGE if after is not None else 20
+        keep: Callable[[dict[str, Any]], bool] = filters.keep
+        if since is not None or until is not None:
+            def keep(item: dict[str, Any]) -> bool:
+                when = flows.parse_time(str(item.get("time", "")))
+                if (since is not None and when < since) or (until is not None and when > until):
+                    return False
+                return filters.keep(item)
+        result = self.ring.read(after=int(after) if after is not None else None, keep=keep, first=first,
+                                last=last)
+        responses = list(result.items)
+        if result.missed:
+            responses.insert(0, flows.lost_response(flows.LOST_FLOW_RING, result.missed, self.node_name,
+                                                    time.time_ns()))
+        return {"responses": responses, "cursor": result.cursor, "node": self.node_name}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "event_level": self.settings.event_level,
+            "events_ring_bytes": self.datapath.events_ring_size(),
+            "events": self.events,
+            "ring": {"capacity": self.ring.capacity, "stored": len(self.ring), "total": self.ring.total},
+            # Lost events per source, as Hubble names them.
+            "lost": {flows.LOST_KERNEL_RING: self.kernel_lost_total, flows.LOST_AGENT_QUEUE: self.unreadable},
+            "log": None if self.flow_log is None else {
+                "path": str(self.flow_log.settings.path), "written": self.flow_log.written,
+                "rotations": self.flow_log.rotations},
+        }
+
+
+def _count(p: dict[str, Any], name: str) -> int | None:
+    value = p.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or value < 0:
+        raise AgentError(BAD_REQUEST, f"{name} must be a non-negative integer")
+    return value
