@@ -28,10 +28,6 @@ _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 Many = Annotated[list[str] | None, typer.Option()]
 
 
-def _opt(help_text: str) -> Any:
-    return typer.Option(help=help_text, show_default=False)
-
-
 def parse_when(text: str, now_ns: int | None = None) -> str:
     """``--since``/``--until``: RFC 3339, or a duration ago (``30s``, ``5m``, ``1h30m``) -> RFC 3339."""
     now_ns = time.time_ns() if now_ns is None else now_ns

@@ -148,6 +148,8 @@ def jsonpb_line(response: Mapping[str, Any]) -> str:
 def render(responses: Iterable[Mapping[str, Any]], fmt: OutputFormat, colour: bool = False,
            header: bool = True) -> str:
     items = list(responses)
+    if not items:
+        return ""
     if fmt == OutputFormat.table:
         return table_text(items, header=header)
     if fmt == OutputFormat.json:
