@@ -364,6 +364,12 @@ class EndpointManager:
                                   "stale_links": [], "stale_map_entries": [], "at": time.time()}
         ids = self.datapath.program_ids()
         wanted_progs = {"ingress": ids["from_container"], "egress": ids["to_container"]}
+        # After a restart the enforcement flags in the kernel are the policy's until regenerate()
+        # recomputes them: rewriting entries with none would open a window without enforcement.
+        known = {r.ep_id for r in self.state.endpoints.values()}
+        for entry in self.datapath.endpoints().values():
+            if entry.ep_id in known:
+                self.policy.flags.setdefault(entry.ep_id, entry.policy_flags)
         for record in list(self.state.endpoints.values()):
             if record.state == EP_CREATING:
                 report["rolled_back"].append(record.key)
