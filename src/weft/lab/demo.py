@@ -1,8 +1,14 @@
-"""``make demo``: a one-node lab, three pods, connectivity over IPv4 and IPv6 through the eBPF
-datapath, shown with the agent's counters."""
+"""``make demo``: a one-node lab with its world (kube-dns, a DNS server and servers beyond the
+node's uplink), three pods, connectivity over IPv4 and IPv6 through the eBPF datapath, a
+least-privilege L4 policy, the seed's FQDN policy (app=genai_backend may resolve
+*.myblobstorage.com through kube-dns and reach app1.myblobstorage.com, nothing else) enforced by
+the datapath and the node's DNS proxy, and the flows that show it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -53,6 +59,7 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
         console.print(results)
 
         failures += _policy_step(lab, state.nodes[0], pods)
+        failures += _fqdn_step(lab, state.nodes[0])
         status = lab.client(state.nodes[0]).call("status")
         counters = Table(title="eBPF datapath counters on node-1 (forwarding never used the node's IP stack)")
         counters.add_column("COUNTER")
@@ -125,6 +132,57 @@ def _policy_step(lab: Lab, node: Any, pods: list[Any]) -> int:
     console.print(f"drops by reason: policy (ingress) {counters['drop_policy_ingress']['packets']}, "
                   f"explicit deny {counters['drop_policy_deny']['packets']}")
     return failures
+
+
+SEED_POLICY = Path(__file__).resolve().parents[3] / "examples" / "policies" / "allow-genai-to-blobstorage.yaml"
+
+
+def _fqdn_step(lab: Lab, node: Any) -> int:
+    """The seed's FQDN policy on real DNS and real connections, and the flows that show it."""
+    console.print("\n[bold]FQDN policy[/bold] allow-genai-to-blobstorage (the seed's, as plain YAML): "
+                  "app=genai_backend may resolve *.myblobstorage.com through kube-dns and reach "
+                  "app1.myblobstorage.com, nothing else")
+    genai = lab.pod_add("default/genai", labels={"app": "genai_backend"})
+    result = lab.client(node).call("policy.apply", {"files": [{"name": SEED_POLICY.name,
+                                                                "text": SEED_POLICY.read_text()}]})
+    console.print(f"applied: {', '.join(result['created'] + result['configured'])} (revision {result['revision']})")
+    t = Table(title="from default/genai (real DNS through the node's DNS proxy, real connections)")
+    for col in ("STEP", "EXPECTED", "OBSERVED"):
+        t.add_column(col)
+    failures = 0
+
+    def row(step: str, expected: str, observed: str) -> None:
+        nonlocal failures
+        failures += expected != observed
+        t.add_row(step, expected, observed if expected == observed else _mark(False, observed))
+
+    row("resolve app1.myblobstorage.com", "NOERROR", _dig(lab, genai.key, "app1.myblobstorage.com"))
+    row("connect app1.myblobstorage.com:80", "connected", probe(genai.netns, "tcp", "app1.myblobstorage.com", 80,
+                                                                 timeout=2.0, family=4).outcome)
+    row("resolve app2.myblobstorage.com", "NOERROR", _dig(lab, genai.key, "app2.myblobstorage.com"))
+    app2 = lab.world_address("app2.myblobstorage.com")[0]
+    row(f"connect app2 ({app2}):80, not in toFQDNs", "timeout",
+        probe(genai.netns, "tcp", app2, 80, timeout=1.0).outcome)
+    row("resolve other.example", "REFUSED", _dig(lab, genai.key, "other.example"))
+    other = lab.world_address("other.example")[0]
+    row(f"connect {other}:80, never resolved", "timeout", probe(genai.netns, "tcp", other, 80, timeout=1.0).outcome)
+    console.print(t)
+    for title, argv in (("weft fqdn cache list", ["fqdn", "cache", "list"]),
+                        ("weft observe --pod default/genai --last 12", ["observe", "--pod", "default/genai", "--last",
+                                                                         "12"])):
+        console.print(f"\n[bold]{title}[/bold]")
+        out = subprocess.run([sys.executable, "-m", "weft.cli.main", *argv, "--lab", lab.name], capture_output=True,
+                             text=True, timeout=60, check=False)
+        console.print(out.stdout.rstrip() or out.stderr.rstrip(), markup=False, highlight=False)
+    return failures
+
+
+def _dig(lab: Lab, pod: str, name: str) -> str:
+    """The DNS status the pod's resolver (kube-dns, through the proxy when policy says so) gets."""
+    out = subprocess.run(lab.exec_argv(pod, ["dig", "+tries=1", "+time=2", name, "A"]), capture_output=True,
+                         text=True, timeout=30, check=False).stdout
+    return next((line.split("status: ")[1].split(",")[0] for line in out.splitlines() if "status: " in line),
+                "no answer")
 
 
 def _mark(ok: bool, detail: str = "") -> str:
