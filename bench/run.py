@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "agent_memory": ["agent_memory.rss_500", "agent_memory.per_endpoint"],
     "policy_scale": ["policy_scale.weft_10k_vs_10", "policy_scale.vs_iptables_10k", "policy_scale.vs_nft_10k",
                      "policy_scale.apply_p99_ms", "policy_scale.memory"],
+    "dns_proxy": ["dns_proxy.added_p99_ms", "dns_proxy.qps", "dns_proxy.memory", "dns_proxy.lookup_connect"],
 }
 TARGET_TEXT = {
     "cni_rate": "ADD+DEL pairs/s >= 1.0x bridge+host-local",
@@ -42,6 +43,10 @@ TARGET_TEXT = {
     "policy_scale.vs_nft_10k": "weft TCP at 10,000 rules >= 1.0x nftables verdict map",
     "policy_scale.apply_p99_ms": "apply-to-enforced p99 < 100 ms (1,000 endpoints, 10,000 rules)",
     "policy_scale.memory": "agent memory < 300 MiB (1,000 endpoints, 10,000 rules)",
+    "dns_proxy.added_p99_ms": "DNS proxy adds <= 1 ms p99 at 1,000 q/s",
+    "dns_proxy.qps": ">= 20,000 q/s per node through the DNS proxy",
+    "dns_proxy.memory": "DNS proxy memory < 100 MiB under load",
+    "dns_proxy.lookup_connect": "no SYN dropped right after a lookup",
 }
 
 
