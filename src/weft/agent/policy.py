@@ -3,14 +3,21 @@ state) and its translation into datapath entries for every local endpoint.
 
 Pure policy logic lives in ``weft.policy``; this module only feeds it the node's endpoints and
 identities and hands its output (per-endpoint map state, CIDR identities) to the datapath.
+
+Incremental: each endpoint holds the repository's distilled policy of its subject (identity,
+labels, named ports; endpoints alike share one), which the repository keeps current as policies
+and identities change. A regeneration writes only the endpoints whose distilled policy changed
+since their last write, and of those only the changed map entries; the ipcache only when the
+CIDR identities changed, and only the prefixes that did.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from weft.agent.errors import BAD_REQUEST, INVALID_CONFIG, AgentError
@@ -19,11 +26,33 @@ from weft.datapath import abi
 from weft.datapath.loader import EndpointEntry, NodeDatapath, PolicyMapKey, PolicyMapValue
 from weft.dnsproxy.config import DnsProxySettings, EndpointRules, ProxyRules
 from weft.policy import EndpointPolicy, EndpointSubject, Policy, PolicyError, PolicyRepository, load_policies, trace
-from weft.policy.selectors import FQDNSelector, fqdn_labels
+from weft.policy.distill import DistilledPolicy, SubjectKey
+from weft.policy.loader import PolicyKey as DocumentKey
+from weft.policy.mapstate import PolicyKey, PolicyVerdict
+from weft.policy.selectors import fqdn_labels, parse_network
+from weft.types.addresses import IPNetwork
 from weft.types.labels import LabelSet
 
 log = logging.getLogger("weft.agent.policy")
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+
+
+@dataclass
+class _Held:
+    """An endpoint's distilled policy and the generation of it last written to the datapath
+    (-1: never; the next write is a full one)."""
+
+    key: SubjectKey
+    policy: DistilledPolicy
+    written: int = -1
+
+
+@dataclass
+class _Desired:
+    """One distilled policy as datapath entries, at a generation (shared by its endpoints)."""
+
+    generation: int
+    entries: dict[PolicyMapKey, PolicyMapValue]
 
 
 class PolicyController:
@@ -43,6 +72,15 @@ class PolicyController:
         # What the DNS proxy is told per endpoint (only endpoints with DNS rules or toFQDNs).
         self.proxy_rules: dict[int, EndpointRules] = {}
         self._published: ProxyRules | None = None
+        # Incremental state: endpoint id -> its distilled policy; subject -> datapath entries;
+        # the ipcache as written (None: read it from the kernel first) and at which CIDR
+        # generation; each stored policy with its document (a save re-dumps only new ones).
+        self._held: dict[int, _Held] = {}
+        self._holders: Counter[SubjectKey] = Counter()
+        self._desired: dict[SubjectKey, _Desired] = {}
+        self._ipcache: dict[IPNetwork, int] | None = None
+        self._ipcache_generation = -1
+        self._documents: dict[DocumentKey, tuple[Policy, dict[str, Any]]] = {}
         stored = [p for doc in state.policies for p in self._parse([("agent state", json.dumps(doc))])]
         if stored:
             self.repo.apply(stored)
@@ -93,7 +131,14 @@ class PolicyController:
         return {"revision": self.repo.revision, "deleted": ["/".join(k) for k in gone]}
 
     def _store(self) -> None:
-        self.state.policies = [pol.to_dict() for pol in self.repo.policies()]
+        # Unchanged policies keep their document object, so the state's per-document JSON
+        # cache serialises only the changed ones.
+        documents: dict[DocumentKey, tuple[Policy, dict[str, Any]]] = {}
+        for pol in self.repo.policies():
+            known = self._documents.get(pol.key)
+            documents[pol.key] = known if known is not None and known[0] is pol else (pol, pol.to_dict())
+        self._documents = documents
+        self.state.policies = [doc for _, doc in documents.values()]
         self.save()
 
     def list_policies(self, p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,9 +161,13 @@ class PolicyController:
         return {str(x["name"]): (PROTOCOLS.get(str(x.get("protocol", "TCP")).upper(), 6), int(x["port"]))
                 for x in meta.get("ports", [])}
 
-    def subject(self, record: EndpointRecord) -> EndpointSubject:
-        labels = self.state.identities.labels_of(record.identity) or frozenset()
-        return EndpointSubject.of(record.identity, labels, record.pod_namespace, self._named_ports(record))
+    def subject(self, record: EndpointRecord, labels_by_id: dict[int, LabelSet] | None = None) -> EndpointSubject:
+        """``labels_by_id``: the node's identities, when the caller has them (a lookup by id in
+        the allocator is a scan)."""
+        labels = (labels_by_id.get(record.identity) if labels_by_id is not None
+                  else self.state.identities.labels_of(record.identity))
+        return EndpointSubject.of(record.identity, labels or frozenset(), record.pod_namespace,
+                                  self._named_ports(record))
 
     def _peer_ports(self) -> dict[int, dict[str, tuple[int, int]]]:
         out: dict[int, dict[str, tuple[int, int]]] = {}
@@ -128,28 +177,103 @@ class PolicyController:
 
     def resolve(self, record: EndpointRecord, peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None,
                 sync: bool = True) -> EndpointPolicy:
-        """``sync``: bring the selector cache up to date with the node's identities first (the
-        cache applies only the differences); a regeneration does that once for all endpoints."""
+        """One endpoint's policy resolved from scratch (what the incremental path must equal).
+        ``sync``: bring the selector cache up to date with the node's identities first."""
         return self.repo.resolve(self.subject(record), self._identities() if sync else None,
                                  peer_ports if peer_ports is not None else self._peer_ports())
 
+    def _sync_inputs(self, labels_by_id: dict[int, LabelSet],
+                     peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None) -> None:
+        """Identities and peers' named ports into the repository: it applies only the
+        differences, to the distilled policies whose selections they change."""
+        self.repo.sync_identities(labels_by_id)
+        self.repo.set_peer_named_ports(peer_ports if peer_ports is not None else self._peer_ports())
+
+    def _hold(self, record: EndpointRecord, labels_by_id: dict[int, LabelSet]) -> _Held:
+        """The endpoint's distilled policy, (re)acquired when its subject changed."""
+        subject = self.subject(record, labels_by_id)
+        key = SubjectKey.of(subject)
+        held = self._held.get(record.ep_id)
+        if held is not None and held.key == key:
+            return held
+        if held is not None:
+            self._release(record.ep_id)
+        held = _Held(key, self.repo.acquire(subject))
+        self._held[record.ep_id] = held
+        self._holders[key] += 1
+        return held
+
+    def _release(self, ep_id: int) -> None:
+        held = self._held.pop(ep_id, None)
+        if held is None:
+            return
+        self.repo.release(held.key)
+        self._holders[held.key] -= 1
+        if self._holders[held.key] <= 0:
+            del self._holders[held.key]
+            self._desired.pop(held.key, None)
+
+    def _desired_entries(self, policy: DistilledPolicy) -> dict[PolicyMapKey, PolicyMapValue]:
+        """The datapath entries of a distilled policy, updated from its change log."""
+        known = self._desired.get(policy.key)
+        if known is not None and known.generation == policy.generation:
+            return known.entries
+        changed = policy.changes_since(known.generation) if known is not None else None
+        current = policy.entries
+        if known is None or changed is None:
+            known = _Desired(policy.generation, {self._map_key(k): self._map_value(v) for k, v in current.items()})
+        else:
+            for key in changed:
+                verdict = current.get(key)
+                if verdict is None:
+                    known.entries.pop(self._map_key(key), None)
+                else:
+                    known.entries[self._map_key(key)] = self._map_value(verdict)
+            known.generation = policy.generation
+        self._desired[policy.key] = known
+        return known.entries
+
+    @staticmethod
+    def _map_key(key: PolicyKey) -> PolicyMapKey:
+        return PolicyMapKey(key.direction, key.identity, key.proto, key.port, key.port_prefix_len)
+
+    def _map_value(self, verdict: PolicyVerdict) -> PolicyMapValue:
+        redirect_port = self.proxy.port if self.proxy.enabled else 0
+        return PolicyMapValue(verdict.deny, proxy_port=redirect_port if verdict.redirect else 0)
+
     def program(self, record: EndpointRecord, peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None,
-                sync: bool = True) -> None:
+                sync: bool = True, *, labels_by_id: dict[int, LabelSet] | None = None, full: bool = False) -> None:
         """Write one endpoint's policy (entries first, enforcement flags after: see
-        NodeDatapath.apply_endpoint_policy). Needs the endpoint's interface (host_ifindex)."""
-        if not (self.repo.policies() or self.flags.get(record.ep_id) or self.datapath.policy_entries(record.ep_id)):
+        NodeDatapath.apply_endpoint_policy) if it changed since the last write (``full``:
+        write it whatever we think the datapath holds). Needs the endpoint's interface
+        (host_ifindex). ``sync`` false: the caller (a regeneration) synced the inputs."""
+        ep_id = record.ep_id
+        if not (len(self.repo) or self.flags.get(ep_id) or ep_id in self._held
+                or self.datapath.policy_entries(ep_id)):
             return  # no policy anywhere: nothing to write, and the fast path for CNI ADD
-        policy = self.resolve(record, peer_ports, sync)
+        if labels_by_id is None:
+            labels_by_id = self._identities()
+        if sync:
+            self._sync_inputs(labels_by_id, peer_ports)
+        held = self._hold(record, labels_by_id)
+        policy = held.policy
+        if held.written == policy.generation and not full:
+            return
+        fqdn_selectors, dns_rules = policy.fqdn_selectors(), policy.dns_rules()
         flags = (abi.EP_F_INGRESS_ENFORCED if policy.ingress_enforced else 0) | (
             abi.EP_F_EGRESS_ENFORCED if policy.egress_enforced else 0) | (
-            abi.EP_F_FQDN if policy.fqdn_selectors and policy.egress_enforced else 0)
-        redirect_port = self.proxy.port if self.proxy.enabled else 0
-        desired = {PolicyMapKey(k.direction, k.identity, k.proto, k.port, k.port_prefix_len):
-                   PolicyMapValue(v.deny, proxy_port=redirect_port if v.redirect else 0)
-                   for k, v in policy.entries.items()}
-        self.flags[record.ep_id] = flags
-        self._note_proxy_rules(record, policy)
-        self.datapath.apply_endpoint_policy(self.entries_of(record), flags, desired)
+            abi.EP_F_FQDN if fqdn_selectors and policy.egress_enforced else 0)
+        self.flags[ep_id] = flags
+        if fqdn_selectors or dns_rules:
+            self._note_proxy_rules(record, policy.endpoint_policy())
+        else:
+            self.proxy_rules.pop(ep_id, None)
+        # The keys changed since this endpoint's last write; everything on a first or full write.
+        since = None if full or held.written < 0 else policy.changes_since(held.written)
+        changed_keys = None if since is None else {self._map_key(k) for k in since}
+        self.datapath.apply_endpoint_policy(self.entries_of(record), flags, self._desired_entries(policy),
+                                            changed_keys)
+        held.written = policy.generation
         if not sync:
             return  # a regeneration publishes once, at its end
         self.publish()
@@ -188,7 +312,7 @@ class PolicyController:
         """One node-local identity per toFQDNs selector the policies use (labels
         ``fqdn:<name or pattern>``), kept in the agent's persisted identities so the numbers the
         DNS proxy wrote into weft_fqdn stay valid across restarts. Returns whether any changed."""
-        wanted = {fqdn_labels(sel) for sel in self.repo.cache.selectors() if isinstance(sel, FQDNSelector)}
+        wanted = {fqdn_labels(sel) for sel in self.repo.cache.fqdn_selectors()}
         have = {labels for labels in self.state.identities.by_labels
                 if any(label.source == "fqdn" for label in labels)}
         for labels in wanted - have:
@@ -197,29 +321,53 @@ class PolicyController:
             self.state.identities.release(self.state.identities.by_labels[labels])
         return wanted != have
 
-    def regenerate(self, exclude: EndpointRecord | None = None) -> None:
+    def regenerate(self, exclude: EndpointRecord | None = None, full: bool = False) -> None:
         """Every ready endpoint's policy and the node's CIDR identities, after anything that can
-        change them: policies, identities (labels), endpoints coming and going."""
+        change them: policies, identities (labels), endpoints coming and going. Writes only
+        what changed; ``full`` (reconcile, restart) rewrites every endpoint and re-reads the
+        ipcache, in case the datapath is not what we last wrote."""
         if self.sync_fqdn_identities():
             self.save()
-        cidrs = {ipaddress.ip_network(prefix): ident for prefix, ident in self.repo.cidr_identities().items()}
         # New CIDR identities before the entries that use them, stale ones after.
-        self.datapath.sync_ipcache({**self._current_ipcache(), **cidrs})
-        self.repo.sync_identities(self._identities())
-        peer_ports = self._peer_ports()
+        stale = self._ipcache_add(full)
+        labels_by_id = self._identities()
+        self._sync_inputs(labels_by_id)
         for record in self.state.endpoints.values():
             if record.state == EP_READY and record is not exclude:
-                self.program(record, peer_ports, sync=False)
-        self.datapath.sync_ipcache(cidrs)
+                self.program(record, sync=False, labels_by_id=labels_by_id, full=full)
+        self._ipcache_remove(stale)
         self.publish()
 
-    def _current_ipcache(self) -> dict[Any, int]:
+    def _ipcache_add(self, full: bool) -> list[IPNetwork]:
+        """Write the CIDR identities that are new or renumbered; returns the stale prefixes
+        (removed by :meth:`_ipcache_remove` once no entry uses their identity)."""
+        if not full and self._ipcache is not None and self._ipcache_generation == self.repo.cidr_generation:
+            return []
+        current = self._current_ipcache() if full or self._ipcache is None else self._ipcache
+        wanted = {parse_network(prefix): ident for prefix, ident in self.repo.cidr_identities().items()}
+        upsert = {net: ident for net, ident in wanted.items() if current.get(net) != ident}
+        if upsert:
+            self.datapath.update_ipcache(upsert)
+        self._ipcache = {**current, **upsert}
+        self._ipcache_generation = self.repo.cidr_generation
+        return [net for net in current if net not in wanted]
+
+    def _ipcache_remove(self, stale: list[IPNetwork]) -> None:
+        if not stale:
+            return
+        self.datapath.update_ipcache({}, stale)
+        if self._ipcache is not None:
+            for net in stale:
+                self._ipcache.pop(net, None)
+
+    def _current_ipcache(self) -> dict[IPNetwork, int]:
         try:
             return self.datapath.ipcache()
         except Exception:  # a fresh map
             return {}
 
     def forget(self, record: EndpointRecord) -> None:
+        self._release(record.ep_id)
         self.flags.pop(record.ep_id, None)
         self.datapath.delete_endpoint_policy(record.ep_id)
         if self.proxy_rules.pop(record.ep_id, None) is not None:

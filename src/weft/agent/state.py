@@ -83,6 +83,8 @@ class AgentState:
     policies: list[dict[str, Any]] = field(default_factory=list)  # documents, as applied
     next_ep_id: int = 1
     _pod_cache: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict, repr=False, compare=False)
+    # id(document) -> (document, its JSON): ten thousand rules are not re-serialised on every save.
+    _policy_cache: dict[int, tuple[dict[str, Any], str]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_text(self) -> str:
         """The state document. IP allocations are not written separately: every allocated
@@ -98,7 +100,7 @@ class AgentState:
                 f'"ipam":{json.dumps(ipam, separators=compact)},'
                 f'"identities":{json.dumps(self.identities.to_json(), separators=compact)},'
                 f'"pods":{{{pods}}},"namespaces":{json.dumps(self.namespaces, separators=compact)},'
-                f'"policies":{json.dumps(self.policies, separators=compact)},'
+                f'"policies":[{self._policies_text()}],'
                 f'"next_ep_id":{self.next_ep_id}}}')
 
     def _pod_text(self, key: str, meta: dict[str, Any]) -> str:
@@ -108,6 +110,19 @@ class AgentState:
             cached = (meta, json.dumps(meta, separators=(",", ":")))
             self._pod_cache[key] = cached
         return cached[1]
+
+    def _policies_text(self) -> str:
+        # Policy documents are replaced, never changed in place (the policy controller keeps an
+        # unchanged policy's document object): cache by the dict's identity, holding the dict so
+        # its id cannot be reused while cached.
+        cache: dict[int, tuple[dict[str, Any], str]] = {}
+        for doc in self.policies:
+            cached = self._policy_cache.get(id(doc))
+            if cached is None or cached[0] is not doc:
+                cached = (doc, json.dumps(doc, separators=(",", ":")))
+            cache[id(doc)] = cached
+        self._policy_cache = cache
+        return ",".join(cache[id(doc)][1] for doc in self.policies)
 
     def to_json(self) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(self.to_text())

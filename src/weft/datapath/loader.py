@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,12 +358,16 @@ class NodeDatapath:
         return dict(self._policy_cache.get(ep_id, {}))
 
     def apply_endpoint_policy(self, addresses: list[EndpointEntry], flags: int,
-                              desired: dict[PolicyMapKey, PolicyMapValue]) -> dict[str, int]:
+                              desired: dict[PolicyMapKey, PolicyMapValue],
+                              changed_keys: Collection[PolicyMapKey] | None = None) -> dict[str, int]:
         """Bring one endpoint's policy entries and enforcement flags to ``desired``, writing only
         what changed, in an order with no window where a denied packet passes or an allowed one
         is dropped: deny entries first, then allows, then the enforcement flags (so default deny
         starts only once its allows are in place), then stale allows, then stale denies.
-        ``addresses`` are the endpoint's entries (same ep_id); their flags are rewritten."""
+        ``addresses`` are the endpoint's entries (same ep_id); their flags are rewritten.
+        ``changed_keys``: the only keys that may differ from what was last written for this
+        endpoint (a caller that tracks changes), so ten thousand unchanged entries are not
+        compared again; None compares every key."""
         policy, _, _ = self._policy_maps()
         if not addresses:
             return {"written": 0, "deleted": 0}
@@ -378,13 +383,17 @@ class NodeDatapath:
 
         if has_deny and not old_flags & abi.EP_F_HAS_DENY:
             write_flags(old_flags | abi.EP_F_HAS_DENY)  # harmless until deny entries exist
-        for key in desired:
+        if changed_keys is None:
+            changed = {k: v for k, v in desired.items() if current.get(k) != v}
+            stale = [k for k in current if k not in desired]
+        else:
+            changed = {k: desired[k] for k in changed_keys if k in desired and current.get(k) != desired[k]}
+            stale = [k for k in changed_keys if k not in desired and k in current]
+        for key in changed:
             if key.proto == 0 and (key.port or key.port_prefix_len):
                 raise ValueError(f"{key}: a port needs a protocol")
             if not 0 <= key.port_prefix_len <= 16 or key.port & ~((0xFFFF << (16 - key.port_prefix_len)) & 0xFFFF):
                 raise ValueError(f"{key}: port {key.port} has bits beyond its /{key.port_prefix_len} prefix")
-        changed = {k: v for k, v in desired.items() if current.get(k) != v}
-        stale = [k for k in current if k not in desired]
         written = 0
         for want_deny in (True, False):
             for key, value in sorted(changed.items()):
@@ -461,6 +470,16 @@ class NodeDatapath:
                 ipcache.delete(abi.IpcacheKey.of(net))
                 deleted += 1
         return {"written": written, "deleted": deleted}
+
+    def update_ipcache(self, upsert: Mapping[IPNetwork, int], remove: Iterable[IPNetwork] = ()) -> None:
+        """Write ``upsert`` and delete ``remove`` (absent ones are no error): for a caller that
+        knows what it wrote, so that a change of a few prefixes does not read back the whole
+        map as :meth:`sync_ipcache` does."""
+        _, ipcache, _ = self._policy_maps()
+        for net, identity in upsert.items():
+            ipcache[abi.IpcacheKey.of(net)] = abi.IpcacheValue(identity=identity)
+        for net in remove:
+            ipcache.delete(abi.IpcacheKey.of(net))
 
     def conntrack(self) -> list[ConntrackEntry]:
         _, _, ct = self._policy_maps()

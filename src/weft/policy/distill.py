@@ -40,9 +40,16 @@ from weft.policy.resolve import (
     NamedPorts,
     _dns_specs,
     _keys_for,
-    prefix_sort_key,
 )
-from weft.policy.selectors import WILDCARD, CIDRSelector, FQDNSelector, IdentityLabels, Selector, SelectorCache
+from weft.policy.selectors import (
+    WILDCARD,
+    CIDRSelector,
+    FQDNSelector,
+    IdentityLabels,
+    Selector,
+    SelectorCache,
+    prefix_order,
+)
 from weft.types.labels import LabelSet
 
 # The contributor id of the allow-localhost entry (rule ids are positive).
@@ -144,6 +151,9 @@ class DistilledPolicy:
         # key -> contributor id -> whether that contributor redirects it to the DNS proxy
         self._contrib: dict[PolicyKey, dict[int, bool]] = {}
         self._deny_keys: set[PolicyKey] = set()
+        # (direction, identity) -> how many deny keys: most allow keys have no deny key that
+        # could cover them, and need no look-up of the candidates.
+        self._deny_counts: Counter[tuple[int, int]] = Counter()
         # (direction, identity) -> keys with allow contributors only
         self._allow_keys: dict[tuple[int, int], set[PolicyKey]] = {}
         self._entries: dict[PolicyKey, PolicyVerdict] = {}
@@ -336,12 +346,16 @@ class DistilledPolicy:
                     del self._allow_keys[bucket_id]
         else:
             self._allow_keys.setdefault(bucket_id, set()).add(key)
-        if is_deny:
-            self._deny_keys.add(key)
-        else:
-            self._deny_keys.discard(key)
         self._dirty.add(key)
         if was_deny != is_deny:
+            if is_deny:
+                self._deny_keys.add(key)
+                self._deny_counts[bucket_id] += 1
+            else:
+                self._deny_keys.discard(key)
+                self._deny_counts[bucket_id] -= 1
+                if not self._deny_counts[bucket_id]:
+                    del self._deny_counts[bucket_id]
             self._dirty.update(self._allows_covered_by(key))
 
     def _allows_covered_by(self, deny: PolicyKey) -> list[PolicyKey]:
@@ -359,7 +373,9 @@ class DistilledPolicy:
             return None
         if key in self._deny_keys:
             return PolicyVerdict(True, self._origins(c for c in holders if self._is_deny(c)))
-        if any(candidate in self._deny_keys for candidate in _deny_candidates(key)):
+        if (self._deny_counts.get((key.direction, key.identity)) or self._deny_counts.get((key.direction, 0))) and any(
+            candidate in self._deny_keys for candidate in _deny_candidates(key)
+        ):
             return None
         return PolicyVerdict(False, self._origins(holders), any(holders.values()))
 
@@ -463,7 +479,7 @@ class DistilledPolicy:
             ident = self._cidr_ids.get(prefix)
             if ident is not None:
                 cidrs[prefix] = ident
-        return dict(sorted(cidrs.items(), key=lambda kv: prefix_sort_key(kv[0])))
+        return dict(sorted(cidrs.items(), key=lambda kv: prefix_order(kv[0])))
 
     def endpoint_policy(self) -> EndpointPolicy:
         """The whole result as :func:`resolve_rules` returns it (cached until the next change)."""

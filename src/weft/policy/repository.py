@@ -36,7 +36,6 @@ from weft.policy.resolve import (
     Enforcement,
     NamedPorts,
     compile_policy,
-    prefix_sort_key,
     resolve_rules,
 )
 from weft.policy.selectors import (
@@ -45,6 +44,7 @@ from weft.policy.selectors import (
     Selector,
     SelectorCache,
     cidr_labels,
+    prefix_order,
     reserved_identities,
 )
 from weft.types.labels import LabelSet
@@ -83,6 +83,7 @@ class PolicyRepository:
     _cidr_next: int = LOCAL_MIN
     # Grows whenever the CIDR identities change (the agent syncs its ipcache then only).
     cidr_generation: int = 0
+    _cidr_sorted: tuple[int, dict[str, int]] | None = None
     _external: dict[int, LabelSet] = field(default_factory=dict)
     # Incremental resolution: the distilled policies handed out, their users, which of them use
     # each peer selector, and the peers' named ports they resolve egress named ports with.
@@ -240,7 +241,7 @@ class PolicyRepository:
     # ------------------------------------------------------------------ CIDR identities
     def _add_cidrs(self, prefixes: set[str]) -> None:
         new: dict[int, LabelSet] = {}
-        for prefix in sorted(prefixes, key=prefix_sort_key):
+        for prefix in sorted(prefixes, key=prefix_order):
             self._cidr_refs[prefix] = self._cidr_refs.get(prefix, 0) + 1
             if prefix in self._cidr_ids:
                 continue
@@ -275,7 +276,10 @@ class PolicyRepository:
 
     def cidr_identities(self) -> dict[str, int]:
         """Every CIDR prefix any policy names -> its node-local identity (for the ipcache)."""
-        return dict(sorted(self._cidr_ids.items(), key=lambda kv: prefix_sort_key(kv[0])))
+        if self._cidr_sorted is None or self._cidr_sorted[0] != self.cidr_generation:
+            ordered = dict(sorted(self._cidr_ids.items(), key=lambda kv: prefix_order(kv[0])))
+            self._cidr_sorted = (self.cidr_generation, ordered)
+        return dict(self._cidr_sorted[1])
 
     def identity_of_address(self, address: str) -> int:
         """The identity the datapath's ipcache gives ``address`` from policy prefixes alone:

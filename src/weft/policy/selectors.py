@@ -44,6 +44,13 @@ def parse_network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text)
 
 
+def prefix_order(prefix: str) -> tuple[int, int, int]:
+    """The order of prefixes everywhere in policy (family, address, length), from the parsed
+    prefix cache (``resolve.prefix_sort_key`` parses each time)."""
+    net = parse_network(prefix)
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
 def network_within(inner: IPNetwork, outer: IPNetwork) -> bool:
     """``inner.subnet_of(outer)`` for prefixes of any family (False across families), on the
     integers: the standard method builds addresses and is the hot spot of CIDR matching."""
