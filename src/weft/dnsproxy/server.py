@@ -86,6 +86,8 @@ TCP_DRAIN_IDLE_S = 0.5  # on hand-over, how long an idle TCP client may still se
 EXPIRY_INTERVAL_S = 1.0
 SAVE_INTERVAL_S = 1.0
 CT_WALK_CHUNK = 256  # conntrack entries read between two yields to the loop
+RECENT_MAX = 65536
+PARSED_MAX = 4096  # responses kept parsed, by their bytes after the id
 NAMES_PER_ENDPOINT = 1024  # names kept in the `names` report per endpoint
 HANDOVER_DONE_TIMEOUT_S = 30.0
 LISTENER_NAMES = ("udp4", "udp6", "tcp4", "tcp6")
@@ -231,10 +233,11 @@ class DnsProxy:
         self.orphans: dict[tuple[int, IPAddress], Slots] = {}
         # (ep_id, packed address) pairs with a live connection, from the last conntrack walk.
         self.live_pairs: set[tuple[int, bytes]] = set()
-        # (ep_id, name) -> (expiry, addresses) last learned: a repeated answer within the slack
-        # skips the cache and the map (see _learn).
-        self.recent: dict[tuple[int, str], tuple[float, tuple[IPAddress, ...]]] = {}
+        # (ep_id, response bytes after the id) -> when it was last learned: the same answer again
+        # within the slack skips parsing, the cache and the map (see _learn_from).
+        self.recent: dict[tuple[int, bytes], float] = {}
         self.slack = min(settings.grace_seconds / 2, 2.0)
+        self.parsed: dict[bytes, Response] = {}
         self.names: dict[int, dict[str, NameStats]] = {}
         self.deny_rcode = RCODE_NXDOMAIN if settings.deny_response == "nxdomain" else RCODE_REFUSED
         self.started_wall = time.time()
@@ -508,22 +511,38 @@ class DnsProxy:
         self.counters["responses"] += 1
         rcode = rcode_of(data)
         if endpoint.selectors and rcode == 0:
-            try:
-                response = parse_wire_response(data, max_size=MAX_UDP_RESPONSE)
-            except DnsMessageError as exc:
-                self.counters["upstream_malformed"] += 1
-                self.drop_log.warning("unusable response for %s from upstream (%s): SERVFAIL", query.qname, exc)
-                self._note(endpoint, query.qname, True, "SERVFAIL")
-                return self._servfail(query)
-            if response.answers:
+            body = data[2:]
+            now = time.monotonic()
+            memo_key = (endpoint.ep_id, body)
+            learned_at = self.recent.get(memo_key)
+            # The same answer to the same endpoint within the slack: the datapath already allows
+            # its addresses until at least their TTL plus half the grace from now; skip it all.
+            if learned_at is None or now - learned_at > self.slack:
+                # A resolver sends the same bytes for the same answer (until its TTL ticks).
+                response = self.parsed.get(body)
                 try:
-                    self._learn(endpoint, response)
-                except OSError as exc:
-                    # Not in the datapath: releasing the answer would let the pod connect and fail.
-                    self.counters["map_errors"] += 1
-                    log.error("weft_fqdn update for %s failed: %s; SERVFAIL", query.qname, exc)
+                    if response is None:
+                        response = parse_wire_response(data, max_size=MAX_UDP_RESPONSE)
+                        if len(self.parsed) >= PARSED_MAX:
+                            self.parsed.clear()
+                        self.parsed[body] = response
+                except DnsMessageError as exc:
+                    self.counters["upstream_malformed"] += 1
+                    self.drop_log.warning("unusable response for %s from upstream (%s): SERVFAIL", query.qname, exc)
                     self._note(endpoint, query.qname, True, "SERVFAIL")
                     return self._servfail(query)
+                if response.answers:
+                    try:
+                        self._learn(endpoint, response, now)
+                    except OSError as exc:
+                        # Not in the datapath: releasing the answer would let the pod connect and fail.
+                        self.counters["map_errors"] += 1
+                        log.error("weft_fqdn update for %s failed: %s; SERVFAIL", query.qname, exc)
+                        self._note(endpoint, query.qname, True, "SERVFAIL")
+                        return self._servfail(query)
+                if len(self.recent) >= RECENT_MAX:
+                    self.recent.clear()
+                self.recent[memo_key] = now
         self._note(endpoint, query.qname, True, rcode_text(rcode))
         return query.raw[:2] + data[2:]
 
@@ -574,10 +593,9 @@ class DnsProxy:
             return True
         return self.maps.peer(str(address)).local_endpoint
 
-    def _learn(self, endpoint: CompiledEndpoint, response: Response) -> None:
+    def _learn(self, endpoint: CompiledEndpoint, response: Response, now: float) -> None:
         """Write the addresses of every selected name of the response into weft_fqdn (before
         the caller releases the response)."""
-        now = time.monotonic()
         ep_id = endpoint.ep_id
         settings = self.settings
         for name, answer in response.answers.items():
@@ -585,15 +603,8 @@ class DnsProxy:
             if not selector_ids:
                 continue
             expiry = now + max(answer.ttl, settings.min_ttl) + settings.grace_seconds
-            memo_key = (ep_id, name)
-            seen = self.recent.get(memo_key)
-            addresses = tuple(answer.addresses)
-            # The same answer again within the slack: the datapath already allows these
-            # addresses until at least the TTL plus half the grace; skip the writes.
-            if seen is not None and seen[1] == addresses and seen[0] >= expiry - self.slack:
-                continue
-            kept = [a for a in addresses if not self._excluded(a)]
-            skipped = len(addresses) - len(kept)
+            kept = [a for a in answer.addresses if not self._excluded(a)]
+            skipped = len(answer.addresses) - len(kept)
             if skipped:
                 self.counters["skipped_cluster_addresses"] += skipped
             if not kept:
@@ -612,7 +623,6 @@ class DnsProxy:
                          ", ".join(str(a) for _, a in result.evicted))
                 self._sync_entries((ep_id, a) for _, a in result.evicted)
                 self.recent.clear()
-            self.recent[memo_key] = (expiry, addresses)
             self.dirty = True
 
     def _merge_write(self, ep_id: int, address: IPAddress, updates: Slots) -> None:
