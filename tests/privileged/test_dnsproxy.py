@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from weft.cli.main import app
 from weft.datapath import abi
 from weft.datapath.loader import default_object_path, read_counters, unpin_all
 from weft.datapath.maps import BpfHashMap
@@ -433,6 +435,15 @@ def test_allowed_name_learned_before_the_answer(env: Env) -> None:
     assert rows and rows[0]["pod"] == "default/client" and rows[0]["name"] == "app.example.com."
     names = {r["name"]: r for r in env.proxy_client().names()}
     assert names["app.example.com."]["last_rcode"] == "NOERROR"
+    # The CLI, on this proxy's socket.
+    listed = CliRunner().invoke(app, ["fqdn", "cache", "list", "--socket", str(env.socket_path), "-o", "json"])
+    assert listed.exit_code == 0, listed.output
+    assert any(r["address"] == APP4 and r["name"] == "app.example.com." for r in json.loads(listed.output))
+    shown = CliRunner().invoke(app, ["fqdn", "names", "--socket", str(env.socket_path), "-o", "json"])
+    assert shown.exit_code == 0, shown.output
+    assert any(r["name"] == "app.example.com." and r["allowed"] for r in json.loads(shown.output))
+    table_out = CliRunner().invoke(app, ["fqdn", "cache", "list", "--socket", str(env.socket_path)])
+    assert table_out.exit_code == 0 and "FQDN cache" in table_out.output, table_out.output
 
 
 def test_cname_chain_aaaa_and_tcp(env: Env) -> None:

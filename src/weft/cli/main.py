@@ -12,6 +12,7 @@ import typer
 
 from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.cli import observe as observe_cli
+from weft.cli.fqdn import fqdn_app
 from weft.cli.output import Format, console, err_console, print_json, table
 from weft.ipam.pool import (
     DEFAULT_CLUSTER_CIDR_V4,
@@ -41,6 +42,7 @@ connectivity_app = typer.Typer(no_args_is_help=True, help="Connectivity checks a
 app.add_typer(connectivity_app, name="connectivity")
 lab_app.add_typer(namespace_app, name="namespace")
 observe_cli.register(app)  # weft observe (src/weft/cli/observe.py)
+app.add_typer(fqdn_app, name="fqdn")  # weft fqdn cache list / names (src/weft/cli/fqdn.py)
 
 LabOpt = Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name (prefix of everything it makes)")]
 OutOpt = Annotated[Format, typer.Option("-o", "--output", help="table or json")]
