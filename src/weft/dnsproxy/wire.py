@@ -250,8 +250,10 @@ def _fast_response(wire: bytes) -> Response:
             if after != rdend:
                 raise _Slow
             if answer and rtype == T_CNAME:
+                # dnspython's CNAME rdataset is a singleton: a later record replaces the target,
+                # the TTL is the minimum over all of them.
                 known = cname.get(owner)
-                cname[owner] = (target, ttl) if known is None else (known[0], min(known[1], ttl))
+                cname[owner] = (target, ttl if known is None else min(known[1], ttl))
         elif rtype == T_MX:
             if rdlength < 3 or _name(wire, pos + 2, rdend)[1] != rdend:
                 raise _Slow
