@@ -55,7 +55,12 @@ async def serve(config: ProxyNodeConfig) -> int:
         listeners, predecessor = taken
         proxy.handed_over_from = 1
     else:
-        listeners = open_listeners(settings.port)
+        try:
+            listeners = open_listeners(settings.port)
+        except OSError as exc:
+            log.error("cannot open the DNS sockets on port %d: %s (another proxy that does not answer on %s?)",
+                      settings.port, exc, paths.socket_path)
+            return 1
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
