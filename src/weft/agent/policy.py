@@ -13,6 +13,7 @@ CIDR identities changed, and only the prefixes that did.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections import Counter
@@ -35,6 +36,10 @@ from weft.types.labels import LabelSet
 
 log = logging.getLogger("weft.agent.policy")
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+# A collection of the whole heap, frozen part included, once per this many policy changes: it
+# bounds what freezing keeps (objects alive at a freeze that turn into cyclic garbage later, such
+# as the asyncio objects of the request in flight: about 5 per change, measured).
+FULL_COLLECTION_EVERY = 1000
 
 
 @dataclass
@@ -84,6 +89,8 @@ class PolicyController:
         stored = [p for doc in state.policies for p in self._parse([("agent state", json.dumps(doc))])]
         if stored:
             self.repo.apply(stored)
+        self._settles = 0
+        self._settle_heap()
 
     # ------------------------------------------------------------------ inputs
     def _parse(self, files: Iterable[tuple[str, str]]) -> list[Policy]:
@@ -114,6 +121,7 @@ class PolicyController:
             result = self.repo.apply(policies)
             self._store()
             self.regenerate()
+            self._settle_heap()
         return {
             "revision": result.revision,
             "created": ["/".join(k) for k in result.created],
@@ -128,7 +136,25 @@ class PolicyController:
         gone = self.repo.delete_policies(policies)
         self._store()
         self.regenerate()
+        self._settle_heap()
         return {"revision": self.repo.revision, "deleted": ["/".join(k) for k in gone]}
+
+    def _settle_heap(self) -> None:
+        """Take what a policy change left long-lived out of the collector's full passes.
+
+        CPython's oldest-generation collection walks every tracked object: with 10,000 rules
+        that is about 600,000 objects and 300-400 ms, and it landed in random applies (measured
+        with 1,000 endpoints: apply-to-enforced p50 19 ms but max 429 ms). ``gc.freeze`` moves
+        the live objects to the permanent generation, which collections skip; the collection
+        just before walks only the objects made since the last freeze (about 10 ms after an apply
+        of 500 rules, well under 1 ms after a small change) and frees their cyclic garbage.
+        Objects are still freed by reference counting when frozen (measured: deleting every
+        policy leaves no cyclic garbage behind)."""
+        self._settles += 1
+        if self._settles % FULL_COLLECTION_EVERY == 0:
+            gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     def _store(self) -> None:
         # Unchanged policies keep their document object, so the state's per-document JSON
