@@ -155,6 +155,10 @@ def test_allowed_tcp_connection_is_forwarded_with_its_syn(lab: Lab, pods: dict[s
     verdicts = flows_of(lab, "--type", "policy-verdict", "--to-pod", "default/backend", "--to-port", "80",
                         "--verdict", "FORWARDED")
     assert verdicts, "the connection's policy verdict is a flow of its own"
+    # The policy that allowed it, from the entry's cookie (Hubble's ingress_allowed_by).
+    allowed_by = [p for v in verdicts for p in v.get("ingress_allowed_by", [])]
+    assert allowed_by and all(p["kind"] == "CiliumNetworkPolicy" and p["namespace"] == "default"
+                              for p in allowed_by), verdicts[:1]
 
 
 def test_drops_show_their_reasons(lab: Lab, pods: dict[str, PodInfo]) -> None:
@@ -167,6 +171,7 @@ def test_drops_show_their_reasons(lab: Lab, pods: dict[str, PodInfo]) -> None:
     [deny] = wait_for_flow(lab, "the explicit deny", "--from-pod", "default/other", "--protocol", "udp",
                            "--drop-reason-desc", "POLICY_DENY")[:1]
     assert deny["l4"]["UDP"]["destination_port"] == 53
+    assert deny.get("ingress_denied_by") or deny.get("egress_denied_by"), "the deny rule's policy is named"
     in_netns(fe.netns, sys.executable, "-c", RAW_ACK, v4(fe), v4(be), "81")
     [no_ct] = wait_for_flow(lab, "the ACK without connection", "--from-ip", v4(fe), "--to-port", "81",
                             "--verdict", "DROPPED")[:1]

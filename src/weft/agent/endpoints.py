@@ -83,7 +83,8 @@ class EndpointManager:
             by_ip.update((address, view) for address in record.addresses)
             if record.host_ifindex:
                 interfaces[record.host_ifindex] = record.host_ifname
-        return Enrichment(node_name=self.config.node_name, endpoints_by_ip=by_ip, endpoints_by_id=by_id,
+        return Enrichment(node_name=self.config.node_name, rules_by_cookie=self.policy.rules_of_cookie,
+                          endpoints_by_ip=by_ip, endpoints_by_id=by_id,
                           interfaces=interfaces, identity_labels=identity_labels)
 
     def _publish_proxy_rules(self, rules: ProxyRules) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class PolicyController:
         self.cluster_cidrs = list(cluster_cidrs or [])
         # What the DNS proxy is told per endpoint (only endpoints with DNS rules or toFQDNs).
         self.proxy_rules: dict[int, EndpointRules] = {}
+        self.rules_by_cookie: dict[int, tuple[str, ...]] = {}  # policy entry cookie -> rule origins
         self._published: ProxyRules | None = None
         # Incremental state: endpoint id -> its distilled policy; subject -> datapath entries;
         # the ipcache as written (None: read it from the kernel first) and at which CIDR
@@ -265,7 +267,21 @@ class PolicyController:
 
     def _map_value(self, verdict: PolicyVerdict) -> PolicyMapValue:
         redirect_port = self.proxy.port if self.proxy.enabled else 0
-        return PolicyMapValue(verdict.deny, proxy_port=redirect_port if verdict.redirect else 0)
+        return PolicyMapValue(verdict.deny, cookie=self._cookie(verdict.rules),
+                              proxy_port=redirect_port if verdict.redirect else 0)
+
+    def _cookie(self, rules: tuple[str, ...]) -> int:
+        """The entry's cookie: a stable number for the rules it came from, which the datapath
+        copies into its verdict events so flows can name the policy that allowed or denied them."""
+        if not rules:
+            return 0
+        cookie = zlib.crc32("\n".join(rules).encode()) or 1
+        self.rules_by_cookie.setdefault(cookie, rules)
+        return cookie
+
+    def rules_of_cookie(self, cookie: int) -> tuple[str, ...]:
+        """For the flow reader thread (a dict read)."""
+        return self.rules_by_cookie.get(cookie, ())
 
     def program(self, record: EndpointRecord, peer_ports: dict[int, dict[str, tuple[int, int]]] | None = None,
                 sync: bool = True, *, labels_by_id: dict[int, LabelSet] | None = None, full: bool = False) -> None:
