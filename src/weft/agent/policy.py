@@ -51,6 +51,11 @@ class _Held:
     key: SubjectKey
     policy: DistilledPolicy
     written: int = -1
+    # What the subject was made of (the label set and pod metadata objects: both are replaced,
+    # never changed in place), so an unchanged endpoint is recognised without rebuilding it.
+    identity: int = 0
+    labels: LabelSet | None = None
+    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -219,16 +224,20 @@ class PolicyController:
 
     def _hold(self, record: EndpointRecord, labels_by_id: dict[int, LabelSet]) -> _Held:
         """The endpoint's distilled policy, (re)acquired when its subject changed."""
+        held = self._held.get(record.ep_id)
+        labels = labels_by_id.get(record.identity)
+        meta = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}")
+        if held is not None and held.identity == record.identity and held.labels is labels and held.meta is meta:
+            return held  # a regeneration visits every endpoint: this is the common case
         subject = self.subject(record, labels_by_id)
         key = SubjectKey.of(subject)
-        held = self._held.get(record.ep_id)
-        if held is not None and held.key == key:
-            return held
-        if held is not None:
-            self._release(record.ep_id)
-        held = _Held(key, self.repo.acquire(subject))
-        self._held[record.ep_id] = held
-        self._holders[key] += 1
+        if held is None or held.key != key:
+            if held is not None:
+                self._release(record.ep_id)
+            held = _Held(key, self.repo.acquire(subject))
+            self._held[record.ep_id] = held
+            self._holders[key] += 1
+        held.identity, held.labels, held.meta = record.identity, labels, meta
         return held
 
     def _release(self, ep_id: int) -> None:

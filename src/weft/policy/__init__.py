@@ -3,7 +3,8 @@ NetworkPolicy, from YAML to the per-endpoint map state the datapath enforces.
 
 Owns: the document models and their validation (``model``, ``loader``, ``typography``), label
 selectors and the selector cache (``selectors``), the repository with its revision and node-local
-CIDR identities (``repository``), rule compilation and resolution (``resolve``), the map-state
+CIDR identities (``repository``), rule compilation and resolution (``resolve``), per-endpoint
+policies the repository keeps current by deltas (``distill``), the map-state
 types the datapath codes against (``mapstate``) and ``weft policy trace`` (``trace``).
 
 May import: ``weft.types``, ``weft.identity``, ``weft.fqdn`` (name and pattern rules), the standard

@@ -102,9 +102,11 @@ class Node:
     def check_matches_from_scratch(self) -> None:
         for record in self.names.values():
             policy = self.controller.resolve(record)
-            want = {PolicyMapKey(k.direction, k.identity, k.proto, k.port, k.port_prefix_len): PolicyMapValue(v.deny)
+            want = {PolicyMapKey(k.direction, k.identity, k.proto, k.port, k.port_prefix_len): (v.deny, v.rules)
                     for k, v in policy.entries.items()}
-            assert self.datapath.policy_entries(record.ep_id) == want, record.pod_name
+            got = {k: (v.deny, self.controller.rules_of_cookie(v.cookie))
+                   for k, v in self.datapath.policy_entries(record.ep_id).items()}
+            assert got == want, record.pod_name
             want_flags = (abi.EP_F_INGRESS_ENFORCED if policy.ingress_enforced else 0) | (
                 abi.EP_F_EGRESS_ENFORCED if policy.egress_enforced else 0)
             enforced = abi.EP_F_INGRESS_ENFORCED | abi.EP_F_EGRESS_ENFORCED
