@@ -20,7 +20,7 @@ from weft.lab.cluster import Lab, PodInfo
 from weft.lab.probe import probe
 
 from conftest import one_node_lab
-from labutil import counters, pod_name
+from labutil import counters, pod_name, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CANONICAL = (ROOT / "examples/policies/allow-genai-to-blobstorage.yaml").read_text()
@@ -276,5 +276,16 @@ def test_fqdn_cli(world_lab: Lab, genai: PodInfo) -> None:
         status = subprocess.run([*weft, "status", "--lab", world_lab.name], capture_output=True, text=True,
                                 timeout=30, check=True).stdout
         assert "DNS proxy: healthy" in status
+
+        # Flows carry the names the pod resolved (from the proxy's saved cache, within a second
+        # or so of the lookup), so `--to-fqdn` finds them.
+        def named_flow() -> bool:
+            assert probe(genai.netns, "tcp", APP1_V4, 80).outcome == "connected"
+            out = subprocess.run([*weft, "observe", "--lab", world_lab.name, "--from-pod", genai.key, "--to-fqdn",
+                                  "app1.myblobstorage.com", "--all", "-o", "json"], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+            return any("app1.myblobstorage.com" in line for line in out.splitlines())
+
+        wait_until("a flow named app1.myblobstorage.com", named_flow, timeout=20, interval=0.5)
     finally:
         delete(world_lab, CANONICAL)

@@ -21,6 +21,7 @@ from typing import Any
 
 from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.agent.config import NodeConfig
+from weft.agent.dnsnames import DnsNames
 from weft.agent.errors import (
     ALREADY_EXISTS,
     CHECK_FAILED,
@@ -61,6 +62,9 @@ class EndpointManager:
                                  | {str(block) for block in self.blocks.values()}),
         )
         self.reaper = veth.LinkReaper()
+        self._pods_by_ep: dict[int, str] = {}  # replaced whole: the flow reader thread reads it
+        self.dns_names = DnsNames(rules_path(config.state_dir).parent / "cache.json",
+                                  lambda ep_id: self._pods_by_ep.get(ep_id))
         self.flows = FlowObserver(config.node_name, datapath, config.flows, config.state_dir)
         self.flows.set_enrichment(self._flow_enrichment())
 
@@ -76,6 +80,7 @@ class EndpointManager:
         interfaces: dict[int, str] = {}
         identity_labels = {ident: tuple(format_labels(labels))
                            for labels, ident in self.state.identities.by_labels.items()}
+        self._pods_by_ep = {r.ep_id: f"{r.pod_namespace}/{r.pod_name}" for r in self.state.endpoints.values()}
         for record in self.state.endpoints.values():
             labels = identity_labels.get(record.identity, ())
             view = EndpointView(record.ep_id, record.identity, record.pod_namespace, record.pod_name, labels)
@@ -84,6 +89,7 @@ class EndpointManager:
             if record.host_ifindex:
                 interfaces[record.host_ifindex] = record.host_ifname
         return Enrichment(node_name=self.config.node_name, rules_by_cookie=self.policy.rules_of_cookie,
+                          names_of=self.dns_names.names_of,
                           endpoints_by_ip=by_ip, endpoints_by_id=by_id,
                           interfaces=interfaces, identity_labels=identity_labels)
 
