@@ -31,6 +31,8 @@ class NodeConfig(BaseModel):
     dns_proxy: DnsProxySettings = Field(default_factory=DnsProxySettings)
     # Flows (weft observe): event aggregation level, flow ring size, flow log.
     flows: FlowSettings = Field(default_factory=FlowSettings)
+    # Prometheus /metrics (Hubble's and Cilium's names), in the node's netns; "" turns it off.
+    metrics_address: str = "0.0.0.0:9962"
 
     @field_validator("pod_block_v4", "pod_block_v6")
     @classmethod

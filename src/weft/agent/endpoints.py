@@ -54,6 +54,7 @@ class EndpointManager:
         self.blocks = config.blocks()
         self.state: AgentState = self.store.load(self.blocks)
         self.started_at = time.time()
+        self.metrics_serving = ""  # the address /metrics is served on, once the agent started it
         self.last_reconcile: dict[str, Any] = {}
         self.policy = PolicyController(
             self.state, datapath, self._entries, self._save, proxy=config.dns_proxy,
@@ -346,6 +347,7 @@ class EndpointManager:
             "pin_dir": str(self.config.pin_dir),
             "dns_proxy": self._proxy_health(),
             "flows": self.flows.status(),
+            "metrics": {"address": self.config.metrics_address, "serving": self.metrics_serving},
         }
 
     def _proxy_health(self) -> dict[str, Any]:

@@ -58,6 +58,8 @@ class FlowObserver:
         self.kernel_lost_reported = 0  # of which already in the flow stream
         self.unreadable = 0  # records of another version or size
         self.events = 0
+        # Called with every batch of published responses, on the reader thread (the metrics' counters).
+        self.on_publish: Callable[[list[dict[str, Any]]], None] | None = None
         self._batch: list[bytes] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,6 +133,8 @@ class FlowObserver:
         if not responses:
             return
         self.ring.extend(responses)
+        if self.on_publish is not None:
+            self.on_publish(responses)
         if self.flow_log is not None:
             try:
                 self.flow_log.write(responses)

@@ -15,6 +15,7 @@ from typing import Any
 
 from weft.agent.config import NodeConfig
 from weft.agent.endpoints import EndpointManager
+from weft.agent.metrics import MetricsServer
 from weft.agent.server import ApiServer
 from weft.datapath.loader import NodeDatapath, default_object_path
 
@@ -46,6 +47,7 @@ async def run(config: NodeConfig) -> None:
                             events_ring_bytes=config.flows.events_ring_bytes, event_level=config.flows.level)
     await loop.run_in_executor(worker, datapath.load)
     manager = await loop.run_in_executor(worker, EndpointManager, config, datapath)
+    metrics = MetricsServer(manager, worker)  # before the flow reader: it counts every flow
     manager.flows.start()
     report = await loop.run_in_executor(worker, manager.reconcile)
     log.info("start-up reconcile: %s", report)
@@ -56,6 +58,14 @@ async def run(config: NodeConfig) -> None:
     server = ApiServer(config.socket_path, manager.handlers(), worker)
     await server.start()
     log.info("agent for %s serving on %s", config.node_name, config.socket_path)
+    if config.metrics_address:
+        try:
+            metrics.start(config.metrics_address)
+            manager.metrics_serving = config.metrics_address
+            log.info("metrics on http://%s/metrics", config.metrics_address)
+        except (OSError, ValueError) as exc:
+            # Metrics are an observer: a taken port must not keep the node's network down.
+            log.error("metrics not served on %s: %s", config.metrics_address, exc)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -81,6 +91,7 @@ async def run(config: NodeConfig) -> None:
     for task in tasks:
         task.cancel()
     await server.close()
+    metrics.stop()
     worker.shutdown(wait=True)
     manager.flows.stop()
 
