@@ -5,6 +5,7 @@ FQDN selector identity's entries) and into the DNS proxy's rules."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 from weft.identity.allocator import FQDN_MIN
 from weft.policy import EndpointSubject, PolicyRepository, load_policies
@@ -15,55 +16,9 @@ from weft.types.labels import pod_labels
 GENAI, KUBE_DNS, OTHER = 256, 300, 301
 APP1 = FQDN_MIN
 
-CANONICAL = """
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: allow-genai-to-blobstorage
-spec:
-  endpointSelector:
-    matchLabels:
-      app: genai_backend
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        "k8s:io.kubernetes.pod.namespace": kube-system
-        "k8s:k8s-app": kube-dns
-    toPorts:
-    - ports:
-      - port: "53"
-        protocol: ANY
-      rules:
-        dns:
-        - matchPattern: "*.myblobstorage.com"
-  - toFQDNs:
-    - matchName: app1.myblobstorage.com
-"""
-
-LITERAL = """
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: allow-genai-to-blobstorage
-spec:
-  endpointSelector:
-    matchLabels:
-      app: genai_backend
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        "k8s:io.kubernetes.pod.namespace": kube-system
-        "k8s:k8s-app": kube-dns
-  - toFQDNs:
-    - matchName: app1.myblobstorage.com
-  - toPorts:
-    - ports:
-      - port: "53"
-        protocol: ANY
-      rules:
-        dns:
-        - matchPattern: "*.myblobstorage.com"
-"""
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "policies"
+CANONICAL = (EXAMPLES / "allow-genai-to-blobstorage.yaml").read_text()  # as Cilium's docs write it
+LITERAL = (EXAMPLES / "allow-genai-to-blobstorage-literal.yaml").read_text()  # as the page reads
 
 
 def resolve(text: str) -> EndpointPolicy:
