@@ -322,8 +322,9 @@ class WeftCollector(Collector):
         yield errors
         yield CounterMetricFamily("weft_dns_timeouts", "Queries that got no response from upstream in time",
                                   value=counters.get("upstream_timeouts", 0))
-        yield CounterMetricFamily("weft_dns_throttled", "Queries refused for load (TCP connections over the cap)",
-                                  value=counters.get("tcp_rejected", 0))
+        yield CounterMetricFamily("weft_dns_throttled", "Queries dropped for load (UDP queries over the proxy's "
+                                  "pending limit, TCP connections over the cap)",
+                                  value=counters.get("throttled", 0) + counters.get("tcp_rejected", 0))
         proxy = CounterMetricFamily("weft_dns_proxy_events", "Every DNS proxy counter, by its name",
                                     labels=["event"])
         for name, value in sorted(counters.items()):

@@ -29,6 +29,8 @@ class DnsProxySettings(BaseModel):
     max_ips_per_name: int = Field(default=50, ge=1)  # per endpoint and name
     deny_response: Literal["refused", "nxdomain"] = "refused"  # answer to a query the rules deny
     upstream_timeout_s: float = Field(default=2.0, gt=0)
+    # UDP queries waiting for their upstream answer; more are dropped and counted as throttled.
+    max_pending: int = Field(default=8192, ge=1)
 
 
 class DnsRule(BaseModel):

@@ -98,7 +98,7 @@ COUNTERS = (
     "upstream_errors", "upstream_timeouts", "upstream_malformed", "upstream_unmatched", "servfail_sent",
     "unknown_source", "no_original_destination", "learned_addresses", "refreshed_addresses",
     "rejected_addresses", "skipped_cluster_addresses", "evictions", "expired", "zombies", "slot_replacements",
-    "map_errors", "send_errors", "tcp_connections", "tcp_rejected", "handovers",
+    "map_errors", "send_errors", "tcp_connections", "tcp_rejected", "throttled", "handovers",
     *(f"malformed_{c}" for c in CATEGORIES),
 )
 
@@ -247,7 +247,10 @@ class DnsProxy:
         self.listeners: dict[str, socket.socket] = {}
         self.upstream: dict[bool, list[socket.socket]] = {}
         self.pending: dict[tuple[bool, int, int], Pending] = {}
-        self.timeouts: collections.deque[tuple[float, tuple[bool, int, int], Pending]] = collections.deque()
+        # (deadline, key, the query's start time): not the Pending itself, so an answered query is
+        # freed at once rather than when its deadline passes (at 20,000 queries/s and a 2 s
+        # timeout that is 40,000 objects kept alive for nothing).
+        self.timeouts: collections.deque[tuple[float, tuple[bool, int, int], float]] = collections.deque()
         self.reply_socks: collections.OrderedDict[tuple[str, int], socket.socket] = collections.OrderedDict()
         self.tcp_clients: dict[int, TcpClient] = {}
         self._rr = 0
@@ -457,6 +460,12 @@ class DnsProxy:
             self._reply_udp(orig, peer, v6, error_response(query, self.deny_rcode))
             return
         counters["allowed"] += 1
+        if len(self.pending) >= self.settings.max_pending:
+            # Overload: the upstream is not keeping up. Dropped (the pod's resolver retries), as
+            # Cilium's DNS proxy concurrency limit does, and counted: memory stays bounded.
+            counters["throttled"] += 1
+            self._note(endpoint, query.qname, True, "THROTTLED")
+            return
         self._forward_udp(query, endpoint, peer, orig, v6)
 
     def _forward_udp(self, query: WireQuery, endpoint: CompiledEndpoint, peer: tuple[Any, ...],
@@ -481,7 +490,7 @@ class DnsProxy:
         now = time.monotonic()
         pending = Pending(query, endpoint, peer, orig, v6, now)
         self.pending[key] = pending
-        self.timeouts.append((now + self.settings.upstream_timeout_s, key, pending))
+        self.timeouts.append((now + self.settings.upstream_timeout_s, key, now))
 
     def _on_upstream(self, sock: socket.socket, v6: bool, index: int) -> None:
         view = self._view
@@ -838,8 +847,9 @@ class DnsProxy:
 
     def _expire_pending(self, now: float) -> None:
         while self.timeouts and self.timeouts[0][0] <= now:
-            _, key, pending = self.timeouts.popleft()
-            if self.pending.get(key) is pending:
+            _, key, started = self.timeouts.popleft()
+            pending = self.pending.get(key)
+            if pending is not None and pending.started == started:
                 del self.pending[key]
                 self.counters["upstream_timeouts"] += 1
                 self._note(pending.endpoint, pending.query.qname, True, "TIMEOUT")
