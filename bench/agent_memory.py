@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ensure_bpf()
             say(f"lab {lab.name}: up (1 node, {opts.family}); {total} container netns")
-            lab.up(nodes=1, ip_family=opts.family, pools={4: ClusterPool.parse(DEFAULT_CLUSTER_CIDR_V4, v4_prefix)})
+            lab.up(nodes=1, ip_family=opts.family, pools={4: ClusterPool.parse(DEFAULT_CLUSTER_CIDR_V4, v4_prefix)},
+                   world=False)  # endpoints counted from zero: no kube-dns
             node = lab.load().nodes[0]
             client = lab.client(node, timeout=120)
             runtime = lab.runtime(node)

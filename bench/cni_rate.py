@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ensure_bpf()
             say(f"lab {lab.name}: up (1 node, {opts.family})")
-            lab.up(nodes=1, ip_family=opts.family)
+            lab.up(nodes=1, ip_family=opts.family, world=False)  # no kube-dns: endpoints counted from zero
             node = lab.load().nodes[0]
             netns_add(host_ns)
             netns_add_many(ctr_ns)

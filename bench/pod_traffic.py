@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             rr = build_rr()
             ensure_bpf()
             say(f"lab {lab.name}: up (1 node, dual stack), two pods")
-            lab.up(nodes=1, ip_family="dual")
+            lab.up(nodes=1, ip_family="dual", world=False)
             node = lab.load().nodes[0]
             pa = lab.pod_add("bench/client", node_name=node.name)
             pb = lab.pod_add("bench/server", node_name=node.name)
