@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.agent.config import NodeConfig
 from weft.agent.dnsnames import DnsNames
 from weft.agent.errors import (
@@ -38,6 +37,7 @@ from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, 
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
 from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
+from weft.dnsproxy.control import ProxyCallError, ProxyClient, ProxyUnavailable
 from weft.ipam.pool import PoolExhausted, default_pools, gateway_of
 from weft.observe.flow import EndpointView, Enrichment
 from weft.types.addresses import IPAddress
@@ -102,8 +102,8 @@ class EndpointManager:
         if not sock.exists():
             return
         try:
-            AgentClient(sock, timeout=2.0).call("reload")
-        except (AgentUnavailable, AgentCallError, OSError) as exc:
+            ProxyClient(sock, timeout=2.0).reload()
+        except (ProxyUnavailable, ProxyCallError, OSError) as exc:
             log.warning("DNS proxy did not take the new rules now (it reads them when it starts): %s", exc)
 
     # ---------------------------------------------------------------- CNI verbs
@@ -358,8 +358,8 @@ class EndpointManager:
             return {"enabled": False}
         sock = settings.socket_path or default_socket_path(self.config.state_dir)
         try:
-            status = AgentClient(sock, timeout=1.0).call("status")
-        except (AgentUnavailable, AgentCallError, OSError) as exc:
+            status = ProxyClient(sock, timeout=1.0).status()
+        except (ProxyUnavailable, ProxyCallError, OSError) as exc:
             return {"enabled": True, "healthy": False, "error": str(exc), "socket": str(sock)}
         if not isinstance(status, dict):
             return {"enabled": True, "healthy": False, "error": "unexpected status reply"}

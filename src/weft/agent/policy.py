@@ -83,7 +83,7 @@ class PolicyController:
         # What the DNS proxy is told per endpoint (only endpoints with DNS rules or toFQDNs).
         self.proxy_rules: dict[int, EndpointRules] = {}
         self.rules_by_cookie: dict[int, tuple[str, ...]] = {}  # policy entry cookie -> rule origins
-        self._published: ProxyRules | None = None
+        self._published: dict[int, EndpointRules] | None = None  # what the proxy was last given
         # Incremental state: endpoint id -> its distilled policy; subject -> datapath entries;
         # the ipcache as written (None: read it from the kernel first) and at which CIDR
         # generation; each stored policy with its document (a save re-dumps only new ones).
@@ -349,15 +349,12 @@ class PolicyController:
     def publish(self) -> None:
         """Hand the DNS proxy its rules when they changed (the proxy keeps the last ones it got
         while the agent is away)."""
-        if self.publish_proxy_rules is None:
-            return
+        if self.publish_proxy_rules is None or self._published == self.proxy_rules:
+            return  # unchanged (the common case of a CNI ADD): nothing built, nothing written
         rules = ProxyRules(revision=self.repo.revision, cluster_cidrs=self.cluster_cidrs,
                            endpoints=[self.proxy_rules[k] for k in sorted(self.proxy_rules)])
-        if self._published is not None and self._published.endpoints == rules.endpoints \
-                and self._published.cluster_cidrs == rules.cluster_cidrs:
-            return
         self.publish_proxy_rules(rules)
-        self._published = rules
+        self._published = dict(self.proxy_rules)
 
     def sync_fqdn_identities(self) -> bool:
         """One node-local identity per toFQDNs selector the policies use (labels
