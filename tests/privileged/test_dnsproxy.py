@@ -116,8 +116,18 @@ loop_state = {}
 
 def resolve(server, name, rdtype, tcp, timeout):
     q = dns.message.make_query(name, rdtype)
-    fn = dns.query.tcp if tcp else dns.query.udp
-    r = fn(q, server, timeout=timeout)
+    if tcp:
+        # Connected first, so a failure says which step failed (the handshake or the answer).
+        family = socket.AF_INET6 if ":" in server else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((server, 53))
+            except OSError as e:
+                raise RuntimeError(f"TCP connect to {server}:53: {type(e).__name__}: {e}") from e
+            r = dns.query.tcp(q, server, timeout=timeout, sock=s)
+    else:
+        r = dns.query.udp(q, server, timeout=timeout)
     addrs = [rd.address for rrset in r.answer if rrset.rdtype in (1, 28) for rd in rrset]
     return dns.rcode.to_text(r.rcode()), addrs
 
@@ -136,13 +146,15 @@ def run_loop(cmd):
     while not st["stop"]:
         i = st["rounds"]
         tcp = i % 4 == 3
+        now = time.time()
+        started = time.strftime("%H:%M:%S", time.localtime(now)) + f",{int(now * 1000) % 1000:03d}"
         try:
             rcode, addrs = resolve(cmd["server"], cmd["name"], "A", tcp, 5.0)
             if rcode != "NOERROR" or not addrs:
                 raise RuntimeError(f"{cmd['name']}: {rcode} {addrs}")
             connect(addrs[0], cmd["port"], 3.0).close()
         except Exception as e:
-            st["failures"].append(f"round {i} ({'tcp' if tcp else 'udp'}): {type(e).__name__}: {e}")
+            st["failures"].append(f"round {i} ({'tcp' if tcp else 'udp'}, started {started}): {type(e).__name__}: {e}")
         try:
             rcode, _ = resolve(cmd["server"], cmd["denied"], "A", False, 5.0)
             if rcode != "REFUSED":
@@ -167,6 +179,19 @@ for line in sys.stdin:
                 out["connected"] = True
         elif op == "connect":
             connect(cmd["host"], cmd["port"], cmd.get("timeout", 1.0)).close()
+        elif op == "tcp_hold":
+            # A TCP DNS query from a chosen source port; the connection stays open afterwards.
+            family = socket.AF_INET6 if ":" in cmd["server"] else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", cmd["sport"]))
+            s.settimeout(cmd.get("timeout", 2.0))
+            start = time.monotonic()
+            s.connect((cmd["server"], 53))
+            r = dns.query.tcp(dns.message.make_query(cmd["name"], "A"), cmd["server"], sock=s,
+                              timeout=cmd.get("timeout", 2.0))
+            out["rcode"], out["elapsed"] = dns.rcode.to_text(r.rcode()), time.monotonic() - start
+            held[cmd["id"]] = s
         elif op == "open":
             held[cmd["id"]] = connect(cmd["host"], cmd["port"], 2.0)
         elif op == "echo":
@@ -184,7 +209,10 @@ for line in sys.stdin:
             with socket.create_connection((cmd["server"], 53), timeout=2) as s:
                 s.sendall(bytes.fromhex(cmd["hex"]))
                 s.settimeout(2)
-                out["closed"] = s.recv(10) == b""
+                try:
+                    out["closed"] = s.recv(10) == b""
+                except ConnectionResetError:
+                    out["closed"] = True  # the proxy aborts a connection it gives up on (no TIME_WAIT)
         elif op == "loop_start":
             loop_state.update(stop=False, rounds=0, failures=[])
             loop_state["thread"] = threading.Thread(target=run_loop, args=(cmd,), daemon=True)
@@ -381,6 +409,8 @@ def env() -> Iterator[Env]:
         dnsmasq = Child(e.ns_argv(e.srv, "/usr/sbin/dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
                                   "--port=53", "--bind-interfaces", f"--listen-address={DNS4}",
                                   f"--listen-address={DNS6}", "--user=root", "--pid-file=",
+                                  # Queries logged with times: a failed lookup's message shows the upstream side.
+                                  "--log-queries", "--log-facility=-",
                                   f"--host-record=app.example.com,{APP4},{APP6},60",
                                   "--cname=www.example.com,app.example.com",
                                   f"--host-record=short.example.com,{SHORT4},{SHORT_TTL}",
@@ -495,7 +525,8 @@ def test_malformed_packets_counted_and_harmless(env: Env) -> None:
 
     wait_until("every malformed packet counted", lambda: not missing())
     # Over TCP: a frame announcing more than the proxy takes.
-    assert env.ask(op="raw_tcp", server=DNS4, hex="1400" + "00" * 16)["ok"]
+    out = env.ask(op="raw_tcp", server=DNS4, hex="1400" + "00" * 16)
+    assert out["ok"] and out["closed"], out
     wait_until("the oversized TCP frame counted",
                lambda: counters(env)["malformed_oversized"] >= before["malformed_oversized"] + 2)
     assert env.status()["healthy"]
@@ -542,11 +573,31 @@ def test_restarts_without_outage(env: Env) -> None:
         out = env.ask(op="loop_stop")
     assert out["ok"], out
     log_tail = (env.state_dir / "proxy.log").read_text(errors="replace")[-4000:]
-    assert out["failures"] == [], f"{out['failures'][:5]}\n{log_tail}"
+    assert out["failures"] == [], (f"{out['failures'][:5]}\ncounters: {counters(env)}\n{log_tail}\n"
+                                f"dnsmasq: {(env.state_dir / 'dnsmasq.log').read_text(errors='replace')[-3000:]}")
     assert out["rounds"] >= 20
     # Every round also asked for the denied name and failed unless REFUSED: each process refused it.
     assert env.status()["handed_over_from"]
     assert any(r["address"] == APP4 for r in env.proxy_client().cache_list()), "learned state carried over"
+
+
+def test_a_port_reused_after_a_handover_connects_at_once(env: Env) -> None:
+    """The old proxy closes an idle client at hand-over: by abort, so the node keeps no TIME_WAIT
+    twin of the pod's 4-tuple that would make the kernel drop the SYNs of a connection reusing the
+    source port (the datapath hands SYNs straight to the listener)."""
+    sport = 40000 + secrets.randbelow(20000)
+    assert env.ask(op="tcp_hold", id="idle", server=DNS4, sport=sport, name="app.example.com")["ok"]
+    old = env.proxies[-1]
+    new = env.start_proxy()
+    env.wait_ready(new.p.pid)
+    assert old.p.wait(timeout=DEADLINE) == 0, old.errors()
+    assert env.ask(op="close", id="idle")["ok"]
+    time_wait = sh("ip", "netns", "exec", env.node, "ss", "-Htan", "state", "time-wait", "sport", "= :53")
+    assert f"{POD4}:{sport}" not in time_wait, time_wait
+    # The same 4-tuple again: a dropped SYN would only be retried after 1 s.
+    out = env.ask(op="tcp_hold", id="again", server=DNS4, sport=sport, name="app.example.com", timeout=0.9)
+    assert out["ok"] and out["rcode"] == "NOERROR", out
+    assert env.ask(op="close", id="again")["ok"]
 
 
 def test_sigterm_saves_state_and_restart_restores_it(env: Env) -> None:

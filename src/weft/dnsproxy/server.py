@@ -883,6 +883,7 @@ class DnsProxy:
     async def _serve_tcp(self, conn: socket.socket, peer: tuple[Any, ...], client: TcpClient) -> None:
         writer: asyncio.StreamWriter | None = None
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        client_closed = False
         try:
             local = conn.getsockname()  # the original destination: the datapath kept it
             orig = (str(local[0]), int(local[1]))
@@ -890,7 +891,10 @@ class DnsProxy:
             while True:
                 try:
                     head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_S)
-                except (asyncio.IncompleteReadError, TimeoutError):
+                except asyncio.IncompleteReadError:
+                    client_closed = True
+                    return
+                except TimeoutError:
                     return
                 client.busy = True
                 size = (head[0] << 8) | head[1]
@@ -905,12 +909,20 @@ class DnsProxy:
                     writer.write(struct.pack("!H", len(answer)) + answer)
                     await writer.drain()
                 client.busy = False
-                if not self.serving:
-                    return  # handing over or stopping: the client reconnects to the successor
+                # Handing over or stopping: the loop goes on, so the client (which closes after its
+                # answer, as DNS clients do) closes first; the drain aborts it if it stays idle.
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, OSError):
             return
         finally:
             self.tcp_clients.pop(id(client), None)
+            if not client_closed:
+                # We close first: abort (RST) instead of FIN, so this node keeps no TIME_WAIT socket
+                # for the pod's address and port. The datapath assigns a pod's SYN straight to the
+                # listener, past the TIME_WAIT lookup; a TIME_WAIT twin of its 4-tuple would make the
+                # kernel drop every SYN of a connection that reuses the port, until it expires (60 s).
+                # Only idle or misbehaving clients get here: nothing of an answer is left unsent.
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             for w in (writer, upstream[1] if upstream else None):
                 if w is not None:
                     w.close()
