@@ -99,10 +99,17 @@ def decode(raw: bytes) -> abi.Event:
     return event
 
 
+_last_stamp: tuple[int, str] = (-1, "")  # (second, its text): events come in bursts within one second
+
+
 def rfc3339(ns: int) -> str:
     """Nanoseconds since the epoch -> ``2024-05-01T12:00:00.123456789Z`` (protojson's Timestamp)."""
+    global _last_stamp
     seconds, frac = divmod(ns, 1_000_000_000)
-    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    cached_second, stamp = _last_stamp
+    if cached_second != seconds:
+        stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_stamp = (seconds, stamp)  # one tuple: a reader on another thread sees a whole pair
     return f"{stamp}.{frac:09d}Z"
 
 
@@ -188,7 +195,7 @@ def _policies(rules: tuple[str, ...]) -> list[dict[str, str]]:
 def to_responses(event: abi.Event, wall_ns: int, enrich: Enrichment) -> list[Response]:
     """The flows an event stands for, as GetFlowsResponse-shaped dicts (``{"flow": ...,
     "node_name": ..., "time": ...}``), in order: the policy verdict first, then the trace or drop."""
-    src_ip, dst_ip = str(event.source()), str(event.destination())
+    src_ip, dst_ip = event.source_text(), event.destination_text()
     verdict = VERDICT_NAMES.get(int(event.verdict), "VERDICT_UNKNOWN")
     reason = abi.Metric(event.reason) if event.reason < abi.METRIC_COUNT else None
     src_view = enrich.endpoints_by_id.get(int(event.src_ep_id)) or enrich.endpoints_by_ip.get(src_ip)

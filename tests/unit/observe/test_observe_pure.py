@@ -262,3 +262,22 @@ def test_settings_defaults_and_checks() -> None:
         FlowSettings(events_ring_bytes=5000)
     with pytest.raises(ValueError):
         FlowSettings(event_level="loud")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("address", ["10.244.1.2", "0.0.0.0", "255.255.255.255", "fd12:3456:789a::1", "::1",
+                                     "2001:db8::ffff:1.2.3.4", "fe80::1"])
+def test_event_address_text_is_the_ipaddress_text(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    ev = abi.Event()
+    ev.family = abi.FAMILY_V4 if ip.version == 4 else abi.FAMILY_V6
+    ctypes.memmove(ev.saddr, ip.packed, len(ip.packed))
+    ctypes.memmove(ev.daddr, ip.packed, len(ip.packed))
+    assert ev.source_text() == str(ev.source()) == str(ip)
+    assert ev.destination_text() == str(ip)
+
+
+def test_rfc3339_within_one_second_and_across_seconds() -> None:
+    base = 1_700_000_000 * 10**9
+    for ns in (base + 5, base + 999_999_999, base + 10**9, base - 1, base + 7):
+        assert flows.parse_time(flows.rfc3339(ns)) == ns
+    assert flows.rfc3339(base + 10**9).startswith("2023-11-14T22:13:21.")
