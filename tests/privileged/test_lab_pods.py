@@ -105,3 +105,18 @@ def test_cli_endpoint_list_and_status_json(lab: Lab, pods: tuple[PodInfo, PodInf
     assert st["healthy"] and st["endpoints_attached"] == st["endpoints"] >= 2
     assert {p["name"] for p in st["programs"]} >= {"from_container", "to_container"}
     assert st["maps"]["weft_endpoints"]["entries"] >= 4
+
+
+def test_node_reaches_a_new_pod_over_ipv6_at_once(lab: Lab) -> None:
+    """The host side of a new pod's veth skips duplicate address detection: its link-local address
+    is usable at once, so the node's first IPv6 packet to the pod is not held for 1-2 s."""
+    pod = lab.pod_add(f"default/{pod_name('dad')}", labels={"app": "dad"})
+    try:
+        node = lab.load().nodes[0]
+        host_if = next(e["hostInterface"] for e in lab.client(node).call("endpoint.list") if e["pod"] == pod.key)
+        tentative = in_netns(node.netns, "ip", "-6", "addr", "show", "dev", host_if, "tentative").stdout
+        assert tentative.strip() == "", f"{host_if} has tentative addresses: {tentative}"
+        # One echo request, answered within 0.5 s (a tentative link-local would delay it past 1 s).
+        in_netns(node.netns, "ping", "-6", "-c", "1", "-W", "0.5", _family(pod, 6))
+    finally:
+        lab.pod_del(pod.key)

@@ -135,6 +135,10 @@ def create_pod_link(
         os.close(ns_fd)
     try:
         index = ipr.link_lookup(ifname=host_ifname)[0]
+        # No duplicate address detection on the host side: while its link-local address is
+        # tentative (1-2 s) the node sends no neighbour solicitation out of it, so the node's first
+        # IPv6 packets to the new pod would wait. Nothing else on this link can hold the address.
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{host_ifname}/accept_dad", "0")
         ipr.link("set", index=index, state="up")
     except BaseException:
         delete_host_link(host_ifname)
