@@ -38,8 +38,8 @@ from weft.policy.resolve import (
     EndpointSubject,
     Enforcement,
     NamedPorts,
-    _dns_specs,
-    _keys_for,
+    dns_specs,
+    keys_for,
 )
 from weft.policy.selectors import (
     WILDCARD,
@@ -297,7 +297,7 @@ class DistilledPolicy:
 
     def _add_identity(self, rule_id: int, state: _RuleState, ident: int) -> None:
         keys: dict[PolicyKey, bool] = {}
-        for key, redirect in _keys_for(state.rule, (ident,), self.subject_ports, self._peer_ports):
+        for key, redirect in keys_for(state.rule, (ident,), self.subject_ports, self._peer_ports):
             key = _normalized(key)
             keys[key] = keys.get(key, False) or redirect
         state.keys[ident] = keys
@@ -470,7 +470,7 @@ class DistilledPolicy:
             return ()  # nothing redirects: no rule matters to the DNS proxy
         states = self._sorted_rules(self._dns_rules)
         selections: list[set[int] | None] = [None if 0 in s.keys else set(s.keys) for s in states]
-        return _dns_specs([s.rule for s in states], selections)
+        return dns_specs([s.rule for s in states], selections)
 
     def cidr_identities(self) -> dict[str, int]:
         used = {k.identity for k in self._entries if k.identity >= LOCAL_MIN and k.identity in self._cidr_by_id}

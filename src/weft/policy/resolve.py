@@ -426,7 +426,7 @@ class EndpointSubject:
 LOCALHOST_RULE = "allow-localhost (the node may always reach its pods, e.g. kubelet probes)"
 
 
-def _keys_for(
+def keys_for(
     rule: CompiledRule,
     peer_ids: Iterable[int],
     subject_ports: NamedPorts,
@@ -468,7 +468,7 @@ def _keys_for(
 DNS_PROTOS = (PROTO_UDP, PROTO_TCP)
 
 
-def _dns_specs(rules: Sequence[CompiledRule], selections: Sequence[set[int] | None]) -> tuple[DnsRuleSpec, ...]:
+def dns_specs(rules: Sequence[CompiledRule], selections: Sequence[set[int] | None]) -> tuple[DnsRuleSpec, ...]:
     """The DNS proxy's view of the egress allow rules: every port item with DNS rules, and every
     other port item of the same protocol overlapping a redirected port (those allow every name,
     as a Cilium rule without L7 rules does on a port that has them). L3-only rules add nothing:
@@ -525,7 +525,7 @@ def resolve_rules(
                     for ident in selected:
                         fqdn.setdefault(pair, ident)
         selections.append(None if 0 in ids else ids)
-        for key, redirect in _keys_for(rule, ids, subject.named_ports, named_ports):
+        for key, redirect in keys_for(rule, ids, subject.named_ports, named_ports):
             builder.add(key, rule.deny, rule.origin, redirect)
     if allow_localhost and ingress_enforced:
         builder.add(PolicyKey(INGRESS, 1, 0, 0, 0), False, LOCALHOST_RULE)
@@ -542,7 +542,7 @@ def resolve_rules(
     cidrs = {p: i for i, p in cidr_by_identity.items() if i in used or p in named}
     cidrs = dict(sorted(cidrs.items(), key=lambda kv: prefix_sort_key(kv[0])))
     return EndpointPolicy(ingress_enforced, egress_enforced, entries, cidrs,
-                          fqdn_selectors=tuple(sorted(fqdn.items())), dns_rules=_dns_specs(rules, selections))
+                          fqdn_selectors=tuple(sorted(fqdn.items())), dns_rules=dns_specs(rules, selections))
 
 
 def prefix_sort_key(prefix: str) -> tuple[int, int, int]:
