@@ -17,6 +17,7 @@ struct weft_policy_key weft_abi_policy_key;
 struct weft_policy_value weft_abi_policy_value;
 struct weft_ipcache_key weft_abi_ipcache_key;
 struct weft_ipcache_value weft_abi_ipcache_value;
+struct weft_tunnel_value weft_abi_tunnel_value;
 struct weft_ct_key weft_abi_ct_key;
 struct weft_ct_value weft_abi_ct_value;
 struct weft_fqdn_key weft_abi_fqdn_key;

@@ -12,8 +12,13 @@
  *     - A packet that policy hands to the DNS proxy (a toPorts rule with DNS rules) gets the
  *       proxy's socket assigned and goes up the node's stack to it (lib/proxy.h).
  *     - Everything else continues into the node's stack.
+ *     - A destination in another node's pod prefix (weft_tunnel) is encapsulated by the node's
+ *       VXLAN device with the sender's identity as the VNI (lib/overlay.h).
  *   to_container (egress: what the node's stack sends to the pod)
  *     - Counted; ingress policy hooks in here (see lib/policy.h).
+ *   from_overlay (ingress of the node's collect-metadata VXLAN device)
+ *     - Decapsulated packets for a local pod: its ingress policy, judged by the identity the
+ *       tunnel key carries, then bpf_redirect_peer as for a same-node packet.
  *
  * Each program reports its verdict for a packet with one ev_emit() at its end (lib/events.h):
  * the functions below note what they decide in a struct ev_trace.
@@ -34,6 +39,7 @@
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/proxy.h"
+#include "lib/overlay.h"
 #include "lib/events.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -134,6 +140,16 @@ static __always_inline int from_container_v4(struct __sk_buff *skb, struct weft_
 	ip = ipv4_hdr(skb);
 	if (!ip)
 		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	/* A pod of another node: through the overlay, carrying the sender's identity. */
+	if ((!dst || !(dst->flags & WEFT_EP_F_LOCAL)) && ip->ttl > 1) {
+		const struct weft_tunnel_value *tun = tunnel_lookup(WEFT_FAMILY_V4, flow->key.daddr);
+
+		if (tun) {
+			if (ipv4_dec_ttl(skb, ip) < 0)
+				return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+			return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V4, t);
+		}
+	}
 	/* With TTL 1 the packet must die here with an ICMP time-exceeded: only the stack sends
 	 * those, so it gets the packet. */
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip->ttl <= 1) {
@@ -189,6 +205,14 @@ static __always_inline int from_container_v6(struct __sk_buff *skb, struct weft_
 	ip6 = ipv6_hdr(skb);
 	if (!ip6)
 		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	if ((!dst || !(dst->flags & WEFT_EP_F_LOCAL)) && ip6->hop_limit > 1) {
+		const struct weft_tunnel_value *tun = tunnel_lookup(WEFT_FAMILY_V6, flow->key.daddr);
+
+		if (tun) {
+			ip6->hop_limit--;
+			return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V6, t);
+		}
+	}
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1) {
 		metric_inc(WEFT_M_TO_STACK_V6, skb->len);
 		ev_forward(t, WEFT_M_TO_STACK_V6);
@@ -229,6 +253,39 @@ int from_container(struct __sk_buff *skb)
 }
 
 /*
+ * Ingress policy of local endpoint `dst` for a packet from a peer of identity `src_identity`
+ * (whose identity is computed only when needed: 0 = look it up in the ipcache).
+ */
+static __always_inline int enforce_ingress(struct __sk_buff *skb, const struct weft_ep_value *dst, __u32 src_identity,
+					   __u32 metric, struct weft_flow *flow, struct ev_trace *t)
+{
+	__u16 ignored_port = 0;
+	enum ct_status status;
+	int verdict;
+
+	t->flags |= WEFT_EV_F_TO_ENDPOINT;
+	t->dst_ep_id = dst->ep_id;
+	t->dst_identity = dst->identity;
+	t->verdict = WEFT_VERDICT_FORWARDED;
+	t->reason = metric;
+	status = ct_lookup(skb, flow, t);
+	/* A reply entering the pod belongs to a connection the pod opened. */
+	t->direction = status == CT_REPLY ? WEFT_DIR_EGRESS : WEFT_DIR_INGRESS;
+	if (src_identity)
+		t->src_identity = src_identity;
+	if (status == CT_REPLY || status == CT_RELATED || flow_is_icmp6_nd(flow))
+		return TC_ACT_OK;
+	if (!src_identity)
+		t->src_identity = ipcache_identity(flow->key.family, flow->key.saddr);
+	verdict = policy_enforce(skb, dst, t->src_identity, WEFT_DIR_INGRESS, flow, status == CT_NEW, &ignored_port, t);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (status == CT_NEW)
+		ct_create(skb, flow);
+	return TC_ACT_OK;
+}
+
+/*
  * Ingress policy for what the node's stack sends to a pod (the node itself, or peers routed
  * through it). The destination is the endpoint behind this interface; the peer's identity
  * comes from the ipcache (host, CIDR identities) or is world.
@@ -236,30 +293,12 @@ int from_container(struct __sk_buff *skb)
 static __always_inline int enforce_to_container(struct __sk_buff *skb, struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *dst;
-	__u16 ignored_port = 0;
-	enum ct_status status;
-	int verdict;
 
 	dst = ep_of_ifindex(skb->ifindex);
 	if (!dst)
 		return TC_ACT_OK; /* not (yet) an endpoint: nothing to enforce, nothing to report */
-	t->flags |= WEFT_EV_F_TO_ENDPOINT;
-	t->dst_ep_id = dst->ep_id;
-	t->dst_identity = dst->identity;
-	t->verdict = WEFT_VERDICT_FORWARDED;
-	t->reason = flow->key.family == WEFT_FAMILY_V4 ? WEFT_M_TO_POD_V4 : WEFT_M_TO_POD_V6;
-	status = ct_lookup(skb, flow, t);
-	/* A reply entering the pod belongs to a connection the pod opened. */
-	t->direction = status == CT_REPLY ? WEFT_DIR_EGRESS : WEFT_DIR_INGRESS;
-	if (status == CT_REPLY || status == CT_RELATED || flow_is_icmp6_nd(flow))
-		return TC_ACT_OK;
-	t->src_identity = ipcache_identity(flow->key.family, flow->key.saddr);
-	verdict = policy_enforce(skb, dst, t->src_identity, WEFT_DIR_INGRESS, flow, status == CT_NEW, &ignored_port, t);
-	if (verdict != TC_ACT_OK)
-		return verdict;
-	if (status == CT_NEW)
-		ct_create(skb, flow);
-	return TC_ACT_OK;
+	return enforce_ingress(skb, dst, 0, flow->key.family == WEFT_FAMILY_V4 ? WEFT_M_TO_POD_V4 : WEFT_M_TO_POD_V6,
+			       flow, t);
 }
 
 SEC("tc")
@@ -305,4 +344,89 @@ int to_container(struct __sk_buff *skb)
 		return verdict;
 	metric_inc(metric, skb->len);
 	return TC_ACT_OK;
+}
+
+/*
+ * tc ingress of the node's VXLAN device: a packet decapsulated from another node. Its sender's
+ * identity is the tunnel key's VNI; a local pod gets it after its ingress policy (judged by
+ * that identity) with bpf_redirect_peer, like a same-node packet. Anything else (the node's
+ * own addresses) continues into the node's stack.
+ */
+static __always_inline int from_overlay_v4(struct __sk_buff *skb, __u32 src_identity, struct weft_flow *flow,
+					   struct ev_trace *t)
+{
+	const struct weft_ep_value *dst;
+	struct iphdr *ip = ipv4_hdr(skb);
+	int verdict;
+
+	if (!ip || flow_v4(skb, ip, flow) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	dst = ep_lookup_v4(ip->daddr);
+	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip->ttl <= 1)
+		return TC_ACT_OK;
+	verdict = enforce_ingress(skb, dst, src_identity, WEFT_M_FROM_OVERLAY_V4, flow, t);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	ip = ipv4_hdr(skb);
+	if (!ip || ipv4_dec_ttl(skb, ip) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	return deliver_local(skb, dst, WEFT_M_FROM_OVERLAY_V4, t);
+}
+
+static __always_inline int from_overlay_v6(struct __sk_buff *skb, __u32 src_identity, struct weft_flow *flow,
+					   struct ev_trace *t)
+{
+	const struct weft_ep_value *dst;
+	struct ipv6hdr *ip6 = ipv6_hdr(skb);
+	int verdict;
+
+	if (!ip6 || flow_v6(skb, ip6, flow) < 0)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	dst = ep_lookup_v6(&ip6->daddr);
+	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1)
+		return TC_ACT_OK;
+	verdict = enforce_ingress(skb, dst, src_identity, WEFT_M_FROM_OVERLAY_V6, flow, t);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	ip6 = ipv6_hdr(skb);
+	if (!ip6)
+		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
+	ip6->hop_limit--;
+	return deliver_local(skb, dst, WEFT_M_FROM_OVERLAY_V6, t);
+}
+
+SEC("tc")
+int from_overlay(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = eth_hdr(skb);
+	struct weft_flow flow = {};
+	struct ev_trace trace = {};
+	__u32 src_identity;
+	int verdict;
+
+	if (!eth)
+		return TC_ACT_OK;
+	src_identity = overlay_source_identity(skb);
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IP):
+		if (!src_identity) {
+			metric_inc(WEFT_M_DROP_OVERLAY, skb->len);
+			return TC_ACT_SHOT;
+		}
+		verdict = from_overlay_v4(skb, src_identity, &flow, &trace);
+		break;
+	case bpf_htons(ETH_P_IPV6):
+		if (!src_identity) {
+			metric_inc(WEFT_M_DROP_OVERLAY, skb->len);
+			return TC_ACT_SHOT;
+		}
+		verdict = from_overlay_v6(skb, src_identity, &flow, &trace);
+		break;
+	default:
+		return TC_ACT_OK; /* ARP and the like: the overlay device's own business */
+	}
+	/* Packets for the node itself carry no endpoint: nothing to report. */
+	if (trace.dst_ep_id || trace.verdict == WEFT_VERDICT_DROPPED)
+		ev_emit(skb, &flow, &trace);
+	return verdict;
 }

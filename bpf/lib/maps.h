@@ -83,6 +83,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_fqdn SEC(".maps");
 
+/* Other nodes' pod prefixes -> their underlay address (struct weft_tunnel_value). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct weft_ipcache_key);
+	__type(value, struct weft_tunnel_value);
+	__uint(max_entries, WEFT_TUNNEL_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_tunnel SEC(".maps");
+
 /* Verdict events for the agent (struct weft_event records, see lib/events.h). The agent may
  * resize it before load (node config), replacing a pin of another size. */
 struct {

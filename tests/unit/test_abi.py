@@ -36,6 +36,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "weft_policy_value": abi.PolicyValue,
     "weft_ipcache_key": abi.IpcacheKey,
     "weft_ipcache_value": abi.IpcacheValue,
+    "weft_tunnel_value": abi.TunnelValue,
     "weft_ct_key": abi.CtKey,
     "weft_ct_value": abi.CtValue,
     "weft_fqdn_key": abi.FqdnKey,
@@ -56,6 +57,7 @@ MAPS: dict[str, tuple[str, str, int]] = {
     "weft_ipcache": ("weft_ipcache_key", "weft_ipcache_value", abi.IPCACHE_MAX),
     "weft_ct": ("weft_ct_key", "weft_ct_value", abi.CT_MAX),
     "weft_fqdn": ("weft_fqdn_key", "weft_fqdn_value", abi.FQDN_MAX),
+    "weft_tunnel": ("weft_ipcache_key", "weft_tunnel_value", abi.TUNNEL_MAX),
     "weft_event_cfg": ("__u32", "weft_event_config", 1),
 }
 
@@ -158,7 +160,8 @@ def test_metric_enum_matches() -> None:
      ("WEFT_METRICS_MAX", abi.METRICS_MAX), ("WEFT_EP_F_LOCAL", abi.EP_F_LOCAL),
      ("WEFT_EP_F_INGRESS_ENFORCED", abi.EP_F_INGRESS_ENFORCED), ("WEFT_EP_F_EGRESS_ENFORCED", abi.EP_F_EGRESS_ENFORCED),
      ("WEFT_EP_F_HAS_DENY", abi.EP_F_HAS_DENY), ("WEFT_POLICY_MAX", abi.POLICY_MAX),
-     ("WEFT_IPCACHE_MAX", abi.IPCACHE_MAX), ("WEFT_CT_MAX", abi.CT_MAX), ("WEFT_DIR_INGRESS", abi.DIR_INGRESS),
+     ("WEFT_IPCACHE_MAX", abi.IPCACHE_MAX), ("WEFT_TUNNEL_MAX", abi.TUNNEL_MAX), ("WEFT_CT_MAX", abi.CT_MAX),
+     ("WEFT_DIR_INGRESS", abi.DIR_INGRESS),
      ("WEFT_DIR_EGRESS", abi.DIR_EGRESS), ("WEFT_POLICY_FIXED_BITS", abi.POLICY_FIXED_BITS),
      ("WEFT_CT_F_REPLY_SEEN", abi.CT_F_REPLY_SEEN), ("WEFT_CT_F_CLOSING", abi.CT_F_CLOSING),
      ("WEFT_EVENT_VERSION", abi.EVENT_VERSION), ("WEFT_EV_LEVEL_ALL", abi.EV_LEVEL_ALL),

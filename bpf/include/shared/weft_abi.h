@@ -26,6 +26,7 @@
 #define WEFT_IPCACHE_MAX 65536
 #define WEFT_CT_MAX 131072
 #define WEFT_FQDN_MAX 65536
+#define WEFT_TUNNEL_MAX 16384
 
 /* Endpoint map key: one entry per pod address. IPv4 sits in addr[0..3], the rest zero. */
 struct weft_ep_key {
@@ -92,7 +93,12 @@ enum weft_metric {
 	WEFT_M_DROP_PROXY_DOWN = 19,     /* policy redirects it to the DNS proxy, which has no socket */
 	WEFT_M_FQDN_ALLOW = 20,          /* allowed through an address the DNS proxy learned */
 	WEFT_M_EVENTS_LOST = 21,         /* a verdict event found weft_events full: not reported */
-	WEFT_M__COUNT = 22,
+	WEFT_M_TO_OVERLAY_V4 = 22,       /* pod -> a pod of another node, encapsulated (VXLAN) */
+	WEFT_M_TO_OVERLAY_V6 = 23,
+	WEFT_M_FROM_OVERLAY_V4 = 24,     /* decapsulated and delivered to a local pod */
+	WEFT_M_FROM_OVERLAY_V6 = 25,
+	WEFT_M_DROP_OVERLAY = 26,        /* could not be encapsulated, or arrived without tunnel metadata */
+	WEFT_M__COUNT = 27,
 };
 
 #define WEFT_DIR_INGRESS 0
@@ -140,6 +146,21 @@ struct weft_ipcache_value {
 	__u32 flags;
 };
 _Static_assert(sizeof(struct weft_ipcache_value) == 8, "weft_ipcache_value size");
+
+/*
+ * Overlay: pod prefix of another node -> where that node is. Keyed like the ipcache (LPM on
+ * family + address). A packet from a local pod to such an address is encapsulated by the
+ * node's collect-metadata VXLAN device `ifindex`, sent to `addr` on the underlay, with the
+ * source pod's security identity as the VNI; the receiving node enforces its ingress policy
+ * with that identity (cluster identities are below 2^24, so they fit the 24-bit VNI).
+ */
+struct weft_tunnel_value {
+	__u32 ifindex;  /* the VXLAN device, in the node's netns */
+	__u8 family;    /* family of addr (the underlay's), WEFT_FAMILY_V4 or WEFT_FAMILY_V6 */
+	__u8 pad[3];
+	__u8 addr[16];  /* the remote node's underlay address, network byte order */
+};
+_Static_assert(sizeof(struct weft_tunnel_value) == 24, "weft_tunnel_value size");
 
 /* Connection tracking: the tuple in the direction of the connection's first packet. ICMP echo
  * uses the identifier as sport (request) / dport (reply), so a reply is the reversed tuple. */

@@ -59,12 +59,14 @@ FORWARD_DIRECTIONS: dict[DatapathMetric, str] = {
     DatapathMetric.TO_STACK_V4: "EGRESS", DatapathMetric.TO_STACK_V6: "EGRESS",
     DatapathMetric.REDIRECT_DNS_PROXY: "EGRESS",
     DatapathMetric.TO_POD_V4: "INGRESS", DatapathMetric.TO_POD_V6: "INGRESS",
+    DatapathMetric.TO_OVERLAY_V4: "EGRESS", DatapathMetric.TO_OVERLAY_V6: "EGRESS",
+    DatapathMetric.FROM_OVERLAY_V4: "INGRESS", DatapathMetric.FROM_OVERLAY_V6: "INGRESS",
 }
 DROP_DIRECTIONS: dict[DatapathMetric, str] = {
     DatapathMetric.DROP_INVALID: "UNKNOWN", DatapathMetric.DROP_SPOOF: "EGRESS",
     DatapathMetric.DROP_POLICY_INGRESS: "INGRESS", DatapathMetric.DROP_POLICY_EGRESS: "EGRESS",
     DatapathMetric.DROP_POLICY_DENY: "UNKNOWN", DatapathMetric.DROP_CT_MISSING: "UNKNOWN",
-    DatapathMetric.DROP_PROXY_DOWN: "EGRESS",
+    DatapathMetric.DROP_PROXY_DOWN: "EGRESS", DatapathMetric.DROP_OVERLAY: "UNKNOWN",
 }
 
 

@@ -30,6 +30,7 @@ POLICY_MAX = 65536  # WEFT_POLICY_MAX
 IPCACHE_MAX = 65536  # WEFT_IPCACHE_MAX
 CT_MAX = 131072  # WEFT_CT_MAX
 FQDN_MAX = 65536  # WEFT_FQDN_MAX
+TUNNEL_MAX = 16384  # WEFT_TUNNEL_MAX
 FQDN_SLOTS = 4  # WEFT_FQDN_SLOTS
 EP_F_FQDN = 0x10  # WEFT_EP_F_FQDN: egress may be allowed through weft_fqdn
 MARK_TO_PROXY = 0x0A00  # WEFT_MARK_TO_PROXY: skb->mark of packets handed to the DNS proxy
@@ -134,6 +135,11 @@ class Metric(IntEnum):
     DROP_PROXY_DOWN = 19  # policy redirects it to the DNS proxy, which has no socket
     FQDN_ALLOW = 20  # allowed through an address the DNS proxy learned
     EVENTS_LOST = 21  # a verdict event found weft_events full (not reported, but counted)
+    TO_OVERLAY_V4 = 22  # pod -> a pod of another node, encapsulated (VXLAN)
+    TO_OVERLAY_V6 = 23
+    FROM_OVERLAY_V4 = 24  # decapsulated and delivered to a local pod
+    FROM_OVERLAY_V6 = 25
+    DROP_OVERLAY = 26  # could not be encapsulated, or arrived without tunnel metadata
 
     @property
     def counter_name(self) -> str:
@@ -141,7 +147,7 @@ class Metric(IntEnum):
         return self.name.lower()
 
 
-METRIC_COUNT = 22  # WEFT_M__COUNT
+METRIC_COUNT = 27  # WEFT_M__COUNT
 
 # Why a packet was dropped, in words (Hubble's drop_reason_desc style), by metric.
 DROP_REASONS: dict[Metric, str] = {
@@ -152,6 +158,7 @@ DROP_REASONS: dict[Metric, str] = {
     Metric.DROP_POLICY_DENY: "POLICY_DENY",
     Metric.DROP_CT_MISSING: "CT_NO_MAP_FOUND",
     Metric.DROP_PROXY_DOWN: "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
+    Metric.DROP_OVERLAY: "NO_TUNNEL_OR_ENCAPSULATION_ENDPOINT",
 }
 
 
@@ -209,6 +216,24 @@ class IpcacheValue(ctypes.Structure):
     """``struct weft_ipcache_value { __u32 identity; __u32 flags; }``"""
 
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class TunnelValue(ctypes.Structure):
+    """``struct weft_tunnel_value { __u32 ifindex; __u8 family; __u8 pad[3]; __u8 addr[16]; }``
+    (weft_tunnel: another node's pod prefix -> its underlay address, keyed by :class:`IpcacheKey`)."""
+
+    _fields_ = [("ifindex", ctypes.c_uint32), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("addr", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, ifindex: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> TunnelValue:
+        value = cls(ifindex=ifindex, family=FAMILY_V4 if address.version == 4 else FAMILY_V6)
+        ctypes.memmove(value.addr, address.packed, len(address.packed))
+        return value
+
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        raw = bytes(self.addr)
+        return ipaddress.IPv4Address(raw[:4]) if self.family == FAMILY_V4 else ipaddress.IPv6Address(raw)
 
 
 class CtKey(ctypes.Structure):

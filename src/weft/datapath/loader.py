@@ -27,9 +27,9 @@ from weft.datapath.maps import BpfHashMap, PerCpuArray
 from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_overlay")
 MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn",
-        "weft_events", "weft_event_cfg")
+        "weft_tunnel", "weft_events", "weft_event_cfg")
 # One fixed priority and handle: `replace` finds the filter by both, so a re-attach swaps the
 # program in place (no moment without a filter) instead of adding a second one.
 TC_PRIO = 1
@@ -127,6 +127,7 @@ class NodeDatapath:
         self._ipcache: BpfHashMap[abi.IpcacheKey, abi.IpcacheValue] | None = None
         self._ct: BpfHashMap[abi.CtKey, abi.CtValue] | None = None
         self._fqdn: BpfHashMap[abi.FqdnKey, abi.FqdnValue] | None = None
+        self._tunnel: BpfHashMap[abi.IpcacheKey, abi.TunnelValue] | None = None
         # ep_id -> its policy entries as written; rebuilt from the map on load, so a sync writes
         # only what changed.
         self._policy_cache: dict[int, dict[PolicyMapKey, PolicyMapValue]] = {}
@@ -252,6 +253,18 @@ class NodeDatapath:
         libbpf.tc_hook_create(ifindex)
         for egress, prog in ((False, "from_container"), (True, "to_container")):
             libbpf.tc_attach(ifindex, self._prog_fds[prog], egress, TC_HANDLE, TC_PRIO)
+
+    def attach_overlay(self, ifname: str, ifindex: int | None = None) -> None:
+        """In the caller's netns: from_overlay at the ingress of the node's collect-metadata
+        VXLAN device (what other nodes' pods send to this node's), replacing in place."""
+        self._need()
+        if ifindex is None:
+            found = node_ipr().link_lookup(ifname=ifname)
+            if not found:
+                raise FileNotFoundError(f"interface {ifname} not found")
+            ifindex = found[0]
+        libbpf.tc_hook_create(ifindex)
+        libbpf.tc_attach(ifindex, self._prog_fds["from_overlay"], False, TC_HANDLE, TC_PRIO)
 
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link
@@ -481,6 +494,39 @@ class NodeDatapath:
         for net in remove:
             ipcache.delete(abi.IpcacheKey.of(net))
 
+    def _tunnel_map(self) -> BpfHashMap[abi.IpcacheKey, abi.TunnelValue]:
+        obj = self._need()
+        if self._tunnel is None:
+            self._tunnel = BpfHashMap(obj.map_fd("weft_tunnel"), abi.IpcacheKey, abi.TunnelValue)
+        return self._tunnel
+
+    def tunnels(self) -> dict[IPNetwork, tuple[int, IPAddress]]:
+        """Other nodes' pod prefixes -> (VXLAN device ifindex, the node's underlay address)."""
+        out: dict[IPNetwork, tuple[int, IPAddress]] = {}
+        for key, value in self._tunnel_map().items():
+            raw = bytes(key.addr)
+            plen = int(key.prefixlen) - 32
+            net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
+                              else ipaddress.IPv6Network((raw, plen)))
+            out[net] = (int(value.ifindex), value.address())
+        return out
+
+    def sync_tunnels(self, desired: Mapping[IPNetwork, tuple[int, IPAddress]]) -> dict[str, int]:
+        """Bring weft_tunnel to ``desired`` (pod prefix -> (device ifindex, node address)),
+        writing only what changed; a node that left loses its prefixes here."""
+        tunnel = self._tunnel_map()
+        current = self.tunnels()
+        written = deleted = 0
+        for net, (ifindex, address) in desired.items():
+            if current.get(net) != (ifindex, address):
+                tunnel[abi.IpcacheKey.of(net)] = abi.TunnelValue.of(ifindex, address)
+                written += 1
+        for net in current:
+            if net not in desired:
+                tunnel.delete(abi.IpcacheKey.of(net))
+                deleted += 1
+        return {"written": written, "deleted": deleted}
+
     def conntrack(self) -> list[ConntrackEntry]:
         _, _, ct = self._policy_maps()
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -534,6 +580,7 @@ class NodeDatapath:
         self._policy = self._ipcache = None
         self._ct = None
         self._fqdn = None
+        self._tunnel = None
         self._policy_cache = {}
         self._prog_fds = {}
         self._by_ifindex = {}
