@@ -13,12 +13,16 @@
  *       proxy's socket assigned and goes up the node's stack to it (lib/proxy.h).
  *     - Everything else continues into the node's stack.
  *     - A destination in another node's pod prefix (weft_tunnel) is encapsulated by the node's
- *       VXLAN device with the sender's identity as the VNI (lib/overlay.h).
+ *       VXLAN device with the sender's identity as the VNI, or (direct mode) routed by the
+ *       datapath with a FIB lookup and bpf_redirect_neigh (lib/overlay.h).
  *   to_container (egress: what the node's stack sends to the pod)
  *     - Counted; ingress policy hooks in here (see lib/policy.h).
  *   from_overlay (ingress of the node's collect-metadata VXLAN device)
  *     - Decapsulated packets for a local pod: its ingress policy, judged by the identity the
  *       tunnel key carries, then bpf_redirect_peer as for a same-node packet.
+ *   from_netdev (ingress of the node's underlay device, direct-routing mode)
+ *     - Packets routed to a local pod: its ingress policy (the ipcache's identity of the
+ *       source), then bpf_redirect_peer.
  *
  * Each program reports its verdict for a packet with one ev_emit() at its end (lib/events.h):
  * the functions below note what they decide in a struct ev_trace.
@@ -147,7 +151,15 @@ static __always_inline int from_container_v4(struct __sk_buff *skb, struct weft_
 		if (tun) {
 			if (ipv4_dec_ttl(skb, ip) < 0)
 				return ev_drop(skb, t, WEFT_M_DROP_INVALID);
-			return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V4, t);
+			if (tun->mode == WEFT_ROUTE_VXLAN)
+				return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V4, t);
+			verdict = route_direct(skb, flow, WEFT_M_ROUTED_V4, t);
+			if (verdict >= 0)
+				return verdict;
+			/* No route: the stack gets it (TTL already spent, as a router would have). */
+			metric_inc(WEFT_M_TO_STACK_V4, skb->len);
+			ev_forward(t, WEFT_M_TO_STACK_V4);
+			return TC_ACT_OK;
 		}
 	}
 	/* With TTL 1 the packet must die here with an ICMP time-exceeded: only the stack sends
@@ -210,7 +222,14 @@ static __always_inline int from_container_v6(struct __sk_buff *skb, struct weft_
 
 		if (tun) {
 			ip6->hop_limit--;
-			return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V6, t);
+			if (tun->mode == WEFT_ROUTE_VXLAN)
+				return overlay_redirect(skb, tun, src->identity, WEFT_M_TO_OVERLAY_V6, t);
+			verdict = route_direct(skb, flow, WEFT_M_ROUTED_V6, t);
+			if (verdict >= 0)
+				return verdict;
+			metric_inc(WEFT_M_TO_STACK_V6, skb->len);
+			ev_forward(t, WEFT_M_TO_STACK_V6);
+			return TC_ACT_OK;
 		}
 	}
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1) {
@@ -347,13 +366,13 @@ int to_container(struct __sk_buff *skb)
 }
 
 /*
- * tc ingress of the node's VXLAN device: a packet decapsulated from another node. Its sender's
- * identity is the tunnel key's VNI; a local pod gets it after its ingress policy (judged by
- * that identity) with bpf_redirect_peer, like a same-node packet. Anything else (the node's
- * own addresses) continues into the node's stack.
+ * A packet from another node for a local pod (from_overlay, from_netdev): the pod's ingress
+ * policy, judged by `src_identity` (0: the ipcache's word for the source address), then
+ * bpf_redirect_peer as for a same-node packet. Anything else (the node's own addresses)
+ * continues into the node's stack.
  */
-static __always_inline int from_overlay_v4(struct __sk_buff *skb, __u32 src_identity, struct weft_flow *flow,
-					   struct ev_trace *t)
+static __always_inline int from_node_v4(struct __sk_buff *skb, __u32 src_identity, __u32 metric,
+					struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *dst;
 	struct iphdr *ip = ipv4_hdr(skb);
@@ -364,17 +383,17 @@ static __always_inline int from_overlay_v4(struct __sk_buff *skb, __u32 src_iden
 	dst = ep_lookup_v4(ip->daddr);
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip->ttl <= 1)
 		return TC_ACT_OK;
-	verdict = enforce_ingress(skb, dst, src_identity, WEFT_M_FROM_OVERLAY_V4, flow, t);
+	verdict = enforce_ingress(skb, dst, src_identity, metric, flow, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	ip = ipv4_hdr(skb);
 	if (!ip || ipv4_dec_ttl(skb, ip) < 0)
 		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
-	return deliver_local(skb, dst, WEFT_M_FROM_OVERLAY_V4, t);
+	return deliver_local(skb, dst, metric, t);
 }
 
-static __always_inline int from_overlay_v6(struct __sk_buff *skb, __u32 src_identity, struct weft_flow *flow,
-					   struct ev_trace *t)
+static __always_inline int from_node_v6(struct __sk_buff *skb, __u32 src_identity, __u32 metric,
+					struct weft_flow *flow, struct ev_trace *t)
 {
 	const struct weft_ep_value *dst;
 	struct ipv6hdr *ip6 = ipv6_hdr(skb);
@@ -385,14 +404,14 @@ static __always_inline int from_overlay_v6(struct __sk_buff *skb, __u32 src_iden
 	dst = ep_lookup_v6(&ip6->daddr);
 	if (!dst || !(dst->flags & WEFT_EP_F_LOCAL) || ip6->hop_limit <= 1)
 		return TC_ACT_OK;
-	verdict = enforce_ingress(skb, dst, src_identity, WEFT_M_FROM_OVERLAY_V6, flow, t);
+	verdict = enforce_ingress(skb, dst, src_identity, metric, flow, t);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	ip6 = ipv6_hdr(skb);
 	if (!ip6)
 		return ev_drop(skb, t, WEFT_M_DROP_INVALID);
 	ip6->hop_limit--;
-	return deliver_local(skb, dst, WEFT_M_FROM_OVERLAY_V6, t);
+	return deliver_local(skb, dst, metric, t);
 }
 
 SEC("tc")
@@ -413,19 +432,49 @@ int from_overlay(struct __sk_buff *skb)
 			metric_inc(WEFT_M_DROP_OVERLAY, skb->len);
 			return TC_ACT_SHOT;
 		}
-		verdict = from_overlay_v4(skb, src_identity, &flow, &trace);
+		verdict = from_node_v4(skb, src_identity, WEFT_M_FROM_OVERLAY_V4, &flow, &trace);
 		break;
 	case bpf_htons(ETH_P_IPV6):
 		if (!src_identity) {
 			metric_inc(WEFT_M_DROP_OVERLAY, skb->len);
 			return TC_ACT_SHOT;
 		}
-		verdict = from_overlay_v6(skb, src_identity, &flow, &trace);
+		verdict = from_node_v6(skb, src_identity, WEFT_M_FROM_OVERLAY_V6, &flow, &trace);
 		break;
 	default:
 		return TC_ACT_OK; /* ARP and the like: the overlay device's own business */
 	}
 	/* Packets for the node itself carry no endpoint: nothing to report. */
+	if (trace.dst_ep_id || trace.verdict == WEFT_VERDICT_DROPPED)
+		ev_emit(skb, &flow, &trace);
+	return verdict;
+}
+
+/*
+ * tc ingress of the node's underlay device in direct-routing mode: packets other nodes routed
+ * to a local pod are delivered by the datapath (ingress policy with the ipcache's identity of
+ * the source), not forwarded by the node's stack.
+ */
+SEC("tc")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = eth_hdr(skb);
+	struct weft_flow flow = {};
+	struct ev_trace trace = {};
+	int verdict;
+
+	if (!eth)
+		return TC_ACT_OK;
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IP):
+		verdict = from_node_v4(skb, 0, WEFT_M_FROM_NETDEV_V4, &flow, &trace);
+		break;
+	case bpf_htons(ETH_P_IPV6):
+		verdict = from_node_v6(skb, 0, WEFT_M_FROM_NETDEV_V6, &flow, &trace);
+		break;
+	default:
+		return TC_ACT_OK;
+	}
 	if (trace.dst_ep_id || trace.verdict == WEFT_VERDICT_DROPPED)
 		ev_emit(skb, &flow, &trace);
 	return verdict;

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * The overlay between nodes: a packet from a local pod to a pod of another node is handed to
+ * Reaching pods of other nodes. Overlay mode: a packet from a local pod to a pod of another node is handed to
  * the node's collect-metadata VXLAN device with a tunnel key (the remote node's underlay
  * address, the source pod's security identity as the VNI); the device encapsulates it. On the
  * receiving node, from_overlay (weft_lxc.c) reads the identity back from the tunnel key, so its
@@ -59,6 +59,44 @@ static __always_inline int overlay_redirect(struct __sk_buff *skb, const struct 
 	metric_inc(metric, skb->len);
 	ev_forward(t, metric);
 	return bpf_redirect(tun->ifindex, 0);
+}
+
+/*
+ * Direct routing: the FIB says which underlay device and next hop; the packet leaves through
+ * it with bpf_redirect_neigh (the kernel resolves the next hop's MAC), never entering the
+ * node's forwarding path. The FIB lookup runs as for a packet arriving on the pod's host veth,
+ * so the node must have forwarding on (as any router). Returns -1 when the FIB has no answer:
+ * the caller hands the packet to the stack, which reports the problem (ICMP unreachable).
+ */
+static __always_inline int route_direct(struct __sk_buff *skb, const struct weft_flow *flow, __u32 metric,
+					struct ev_trace *t)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	long ret;
+
+	fib.ifindex = skb->ifindex;
+	if (flow->key.family == WEFT_FAMILY_V4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, flow->key.saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, flow->key.daddr, 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, flow->key.saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, flow->key.daddr, 16);
+	}
+	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	/* The lookup left the next hop (the gateway, or the destination when on-link) in *_dst. */
+	nh.nh_family = fib.family;
+	if (fib.family == 2)
+		nh.ipv4_nh = fib.ipv4_dst;
+	else
+		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+	metric_inc(metric, skb->len);
+	ev_forward(t, metric);
+	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
 /* The sender's identity from a decapsulated packet's tunnel key; 0 when there is none. */

@@ -58,7 +58,7 @@ NODE_SCRIPT = r"""
 import ipaddress, json, sys
 from pathlib import Path
 from weft.datapath import abi
-from weft.datapath.loader import EndpointEntry, NodeDatapath, PolicyMapKey, PolicyMapValue
+from weft.datapath.loader import EndpointEntry, NodeDatapath, NodeRoute, PolicyMapKey, PolicyMapValue
 from weft.datapath.netlink import node_ipr
 cfg = json.loads(sys.argv[1])
 dp = NodeDatapath(Path(cfg["pin_dir"]), Path(cfg["obj"]))
@@ -79,7 +79,7 @@ for pod in cfg["pods"]:
                for i in pod["allow_from"] for proto in (6, 17)}
     flags = abi.EP_F_INGRESS_ENFORCED if pod["allow_from"] else 0
     dp.apply_endpoint_policy(entries, flags, desired)
-dp.sync_tunnels({ipaddress.ip_network(net): (vx, ipaddress.ip_address(addr)) for net, addr in cfg["tunnels"]})
+dp.sync_tunnels({ipaddress.ip_network(net): NodeRoute(vx, ipaddress.ip_address(addr)) for net, addr in cfg["tunnels"]})
 dp.update_ipcache({ipaddress.ip_network(net): ident for net, ident in cfg["ipcache"]})
 dp.close()
 print("ok")

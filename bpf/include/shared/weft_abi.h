@@ -98,7 +98,11 @@ enum weft_metric {
 	WEFT_M_FROM_OVERLAY_V4 = 24,     /* decapsulated and delivered to a local pod */
 	WEFT_M_FROM_OVERLAY_V6 = 25,
 	WEFT_M_DROP_OVERLAY = 26,        /* could not be encapsulated, or arrived without tunnel metadata */
-	WEFT_M__COUNT = 27,
+	WEFT_M_ROUTED_V4 = 27,           /* pod -> a pod of another node, routed by the datapath (direct mode) */
+	WEFT_M_ROUTED_V6 = 28,
+	WEFT_M_FROM_NETDEV_V4 = 29,      /* from the underlay device, delivered to a local pod (direct mode) */
+	WEFT_M_FROM_NETDEV_V6 = 30,
+	WEFT_M__COUNT = 31,
 };
 
 #define WEFT_DIR_INGRESS 0
@@ -148,16 +152,24 @@ struct weft_ipcache_value {
 _Static_assert(sizeof(struct weft_ipcache_value) == 8, "weft_ipcache_value size");
 
 /*
- * Overlay: pod prefix of another node -> where that node is. Keyed like the ipcache (LPM on
- * family + address). A packet from a local pod to such an address is encapsulated by the
- * node's collect-metadata VXLAN device `ifindex`, sent to `addr` on the underlay, with the
+ * Pod prefix of another node -> how to reach it. Keyed like the ipcache (LPM on family +
+ * address).
+ * WEFT_ROUTE_VXLAN (overlay): a packet from a local pod to such an address is encapsulated by
+ * the node's collect-metadata VXLAN device `ifindex`, sent to `addr` on the underlay, with the
  * source pod's security identity as the VNI; the receiving node enforces its ingress policy
  * with that identity (cluster identities are below 2^24, so they fit the 24-bit VNI).
+ * WEFT_ROUTE_DIRECT (direct routing, pods addressed from the underlay): the packet is routed
+ * by the datapath itself (FIB lookup, then bpf_redirect_neigh out of the underlay device);
+ * `ifindex` and `addr` are unused. The receiving node knows the sender from its ipcache.
  */
+#define WEFT_ROUTE_VXLAN 0
+#define WEFT_ROUTE_DIRECT 1
+
 struct weft_tunnel_value {
 	__u32 ifindex;  /* the VXLAN device, in the node's netns */
 	__u8 family;    /* family of addr (the underlay's), WEFT_FAMILY_V4 or WEFT_FAMILY_V6 */
-	__u8 pad[3];
+	__u8 mode;      /* WEFT_ROUTE_* */
+	__u8 pad[2];
 	__u8 addr[16];  /* the remote node's underlay address, network byte order */
 };
 _Static_assert(sizeof(struct weft_tunnel_value) == 24, "weft_tunnel_value size");

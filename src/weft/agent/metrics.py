@@ -61,6 +61,8 @@ FORWARD_DIRECTIONS: dict[DatapathMetric, str] = {
     DatapathMetric.TO_POD_V4: "INGRESS", DatapathMetric.TO_POD_V6: "INGRESS",
     DatapathMetric.TO_OVERLAY_V4: "EGRESS", DatapathMetric.TO_OVERLAY_V6: "EGRESS",
     DatapathMetric.FROM_OVERLAY_V4: "INGRESS", DatapathMetric.FROM_OVERLAY_V6: "INGRESS",
+    DatapathMetric.ROUTED_V4: "EGRESS", DatapathMetric.ROUTED_V6: "EGRESS",
+    DatapathMetric.FROM_NETDEV_V4: "INGRESS", DatapathMetric.FROM_NETDEV_V6: "INGRESS",
 }
 DROP_DIRECTIONS: dict[DatapathMetric, str] = {
     DatapathMetric.DROP_INVALID: "UNKNOWN", DatapathMetric.DROP_SPOOF: "EGRESS",

@@ -31,6 +31,8 @@ IPCACHE_MAX = 65536  # WEFT_IPCACHE_MAX
 CT_MAX = 131072  # WEFT_CT_MAX
 FQDN_MAX = 65536  # WEFT_FQDN_MAX
 TUNNEL_MAX = 16384  # WEFT_TUNNEL_MAX
+ROUTE_VXLAN = 0  # WEFT_ROUTE_VXLAN: weft_tunnel entry encapsulated by the VXLAN device
+ROUTE_DIRECT = 1  # WEFT_ROUTE_DIRECT: routed by the datapath (FIB lookup, redirect_neigh)
 FQDN_SLOTS = 4  # WEFT_FQDN_SLOTS
 EP_F_FQDN = 0x10  # WEFT_EP_F_FQDN: egress may be allowed through weft_fqdn
 MARK_TO_PROXY = 0x0A00  # WEFT_MARK_TO_PROXY: skb->mark of packets handed to the DNS proxy
@@ -140,6 +142,10 @@ class Metric(IntEnum):
     FROM_OVERLAY_V4 = 24  # decapsulated and delivered to a local pod
     FROM_OVERLAY_V6 = 25
     DROP_OVERLAY = 26  # could not be encapsulated, or arrived without tunnel metadata
+    ROUTED_V4 = 27  # pod -> a pod of another node, routed by the datapath (direct mode)
+    ROUTED_V6 = 28
+    FROM_NETDEV_V4 = 29  # from the underlay device, delivered to a local pod (direct mode)
+    FROM_NETDEV_V6 = 30
 
     @property
     def counter_name(self) -> str:
@@ -147,7 +153,7 @@ class Metric(IntEnum):
         return self.name.lower()
 
 
-METRIC_COUNT = 27  # WEFT_M__COUNT
+METRIC_COUNT = 31  # WEFT_M__COUNT
 
 # Why a packet was dropped, in words (Hubble's drop_reason_desc style), by metric.
 DROP_REASONS: dict[Metric, str] = {
@@ -219,15 +225,16 @@ class IpcacheValue(ctypes.Structure):
 
 
 class TunnelValue(ctypes.Structure):
-    """``struct weft_tunnel_value { __u32 ifindex; __u8 family; __u8 pad[3]; __u8 addr[16]; }``
+    """``struct weft_tunnel_value { __u32 ifindex; __u8 family; __u8 mode; __u8 pad[2]; __u8 addr[16]; }``
     (weft_tunnel: another node's pod prefix -> its underlay address, keyed by :class:`IpcacheKey`)."""
 
-    _fields_ = [("ifindex", ctypes.c_uint32), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
-                ("addr", ctypes.c_uint8 * 16)]
+    _fields_ = [("ifindex", ctypes.c_uint32), ("family", ctypes.c_uint8), ("mode", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 2), ("addr", ctypes.c_uint8 * 16)]
 
     @classmethod
-    def of(cls, ifindex: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> TunnelValue:
-        value = cls(ifindex=ifindex, family=FAMILY_V4 if address.version == 4 else FAMILY_V6)
+    def of(cls, ifindex: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+           mode: int = 0) -> TunnelValue:
+        value = cls(ifindex=ifindex, family=FAMILY_V4 if address.version == 4 else FAMILY_V6, mode=mode)
         ctypes.memmove(value.addr, address.packed, len(address.packed))
         return value
 

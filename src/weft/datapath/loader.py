@@ -27,7 +27,7 @@ from weft.datapath.maps import BpfHashMap, PerCpuArray
 from weft.datapath.netlink import node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
-PROGRAMS = ("from_container", "to_container", "from_overlay")
+PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev")
 MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn",
         "weft_tunnel", "weft_events", "weft_event_cfg")
 # One fixed priority and handle: `replace` finds the filter by both, so a re-attach swaps the
@@ -88,6 +88,17 @@ class ConntrackEntry:
     bytes: int
     flags: int
     age_ns: int
+
+
+@dataclass(frozen=True)
+class NodeRoute:
+    """How another node's pod prefix is reached: encapsulated by the VXLAN device ``ifindex``
+    towards the node's underlay ``address`` (``mode`` ROUTE_VXLAN), or routed by the datapath
+    (ROUTE_DIRECT: the FIB decides; ``ifindex`` and ``address`` are informative)."""
+
+    ifindex: int
+    address: IPAddress
+    mode: int = abi.ROUTE_VXLAN
 
 
 def _value(entry: EndpointEntry) -> abi.EpValue:
@@ -257,6 +268,14 @@ class NodeDatapath:
     def attach_overlay(self, ifname: str, ifindex: int | None = None) -> None:
         """In the caller's netns: from_overlay at the ingress of the node's collect-metadata
         VXLAN device (what other nodes' pods send to this node's), replacing in place."""
+        self._attach_ingress("from_overlay", ifname, ifindex)
+
+    def attach_netdev(self, ifname: str, ifindex: int | None = None) -> None:
+        """In the caller's netns: from_netdev at the ingress of the node's underlay device
+        (direct routing: what other nodes route to this node's pods), replacing in place."""
+        self._attach_ingress("from_netdev", ifname, ifindex)
+
+    def _attach_ingress(self, prog: str, ifname: str, ifindex: int | None) -> None:
         self._need()
         if ifindex is None:
             found = node_ipr().link_lookup(ifname=ifname)
@@ -264,7 +283,7 @@ class NodeDatapath:
                 raise FileNotFoundError(f"interface {ifname} not found")
             ifindex = found[0]
         libbpf.tc_hook_create(ifindex)
-        libbpf.tc_attach(ifindex, self._prog_fds["from_overlay"], False, TC_HANDLE, TC_PRIO)
+        libbpf.tc_attach(ifindex, self._prog_fds[prog], False, TC_HANDLE, TC_PRIO)
 
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link
@@ -500,26 +519,26 @@ class NodeDatapath:
             self._tunnel = BpfHashMap(obj.map_fd("weft_tunnel"), abi.IpcacheKey, abi.TunnelValue)
         return self._tunnel
 
-    def tunnels(self) -> dict[IPNetwork, tuple[int, IPAddress]]:
-        """Other nodes' pod prefixes -> (VXLAN device ifindex, the node's underlay address)."""
-        out: dict[IPNetwork, tuple[int, IPAddress]] = {}
+    def tunnels(self) -> dict[IPNetwork, NodeRoute]:
+        """Other nodes' pod prefixes -> how they are reached (weft_tunnel)."""
+        out: dict[IPNetwork, NodeRoute] = {}
         for key, value in self._tunnel_map().items():
             raw = bytes(key.addr)
             plen = int(key.prefixlen) - 32
             net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
                               else ipaddress.IPv6Network((raw, plen)))
-            out[net] = (int(value.ifindex), value.address())
+            out[net] = NodeRoute(int(value.ifindex), value.address(), int(value.mode))
         return out
 
-    def sync_tunnels(self, desired: Mapping[IPNetwork, tuple[int, IPAddress]]) -> dict[str, int]:
-        """Bring weft_tunnel to ``desired`` (pod prefix -> (device ifindex, node address)),
-        writing only what changed; a node that left loses its prefixes here."""
+    def sync_tunnels(self, desired: Mapping[IPNetwork, NodeRoute]) -> dict[str, int]:
+        """Bring weft_tunnel to ``desired`` (another node's pod prefix -> its route), writing
+        only what changed; a node that left loses its prefixes here."""
         tunnel = self._tunnel_map()
         current = self.tunnels()
         written = deleted = 0
-        for net, (ifindex, address) in desired.items():
-            if current.get(net) != (ifindex, address):
-                tunnel[abi.IpcacheKey.of(net)] = abi.TunnelValue.of(ifindex, address)
+        for net, route in desired.items():
+            if current.get(net) != route:
+                tunnel[abi.IpcacheKey.of(net)] = abi.TunnelValue.of(route.ifindex, route.address, route.mode)
                 written += 1
         for net in current:
             if net not in desired:
