@@ -1,6 +1,8 @@
-"""The overlay datapath between two nodes: VXLAN encapsulation by the sending node's datapath
-(a collect-metadata device, the tunnel key from weft_tunnel), the sender's identity carried as the
-VNI, and the receiving node's ingress policy judging by that identity.
+"""The datapath between two nodes, in both modes. Overlay: VXLAN encapsulation by the sending
+node's datapath (a collect-metadata device, the tunnel key from weft_tunnel), the sender's identity
+carried as the VNI, and the receiving node's ingress policy judging by that identity. Direct
+routing: pods addressed from the underlay's range, routed by the datapath (FIB lookup,
+bpf_redirect_neigh) and delivered by from_netdev, the nodes' forwarding path untouched.
 
 Two node netns joined by an underlay veth (IPv4 and IPv6), a VXLAN device in each, pods on veths
 with the real datapath attached; the map entries an agent would write are written here (the
@@ -25,17 +27,16 @@ import pytest
 
 from weft.datapath.loader import default_object_path, read_counters, unpin_all
 
-from labutil import in_netns
+from labutil import in_netns, snmp_counter
 
 VXLAN = "wvx"
 VXLAN_PORT = 8472  # Cilium's
 POD_MTU = 1400  # fits VXLAN over the IPv6 underlay (70 octets of headers) with room to spare
 APP_PORT = 8080
-UNDERLAY = {"n1": ("192.168.77.1", "fd77::1"), "n2": ("192.168.77.2", "fd77::2")}
 ID_A, ID_C, ID_B = 1001, 1002, 1003
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pod:
     name: str
     node: str
@@ -46,12 +47,38 @@ class Pod:
     ep_id: int
 
 
-PODS = {
-    "a": Pod("a", "n1", "lxca", "10.1.1.2", "fd01:1::2", ID_A, 1),
-    "c": Pod("c", "n1", "lxcc", "10.1.1.3", "fd01:1::3", ID_C, 2),
-    "b": Pod("b", "n2", "lxcb", "10.1.2.2", "fd01:2::2", ID_B, 3),
+@dataclass(frozen=True)
+class Topology:
+    """Addresses of one mode: the nodes' underlay addresses, each node's pod prefixes, the pods."""
+
+    mode: str
+    underlay: dict[str, tuple[str, str]]
+    pod_prefix: dict[str, tuple[str, str]]
+    pods: dict[str, Pod]
+
+
+TOPOLOGIES = {
+    # Overlay: pod CIDRs of their own, apart from the underlay's.
+    "overlay": Topology(
+        "overlay",
+        {"n1": ("192.168.77.1", "fd77::1"), "n2": ("192.168.77.2", "fd77::2")},
+        {"n1": ("10.1.1.0/24", "fd01:1::/64"), "n2": ("10.1.2.0/24", "fd01:2::/64")},
+        {"a": Pod("a", "n1", "lxca", "10.1.1.2", "fd01:1::2", ID_A, 1),
+         "c": Pod("c", "n1", "lxcc", "10.1.1.3", "fd01:1::3", ID_C, 2),
+         "b": Pod("b", "n2", "lxcb", "10.1.2.2", "fd01:2::2", ID_B, 3)}),
+    # Direct: pods addressed from the underlay's own range, a slice per node that the underlay
+    # (here: a route on each node, as a VNet's route table would be) sends to that node.
+    "direct": Topology(
+        "direct",
+        {"n1": ("192.168.88.1", "fd88::1"), "n2": ("192.168.88.2", "fd88::2")},
+        {"n1": ("192.168.88.64/27", "fd88::1:0/112"), "n2": ("192.168.88.96/27", "fd88::2:0/112")},
+        {"a": Pod("a", "n1", "lxca", "192.168.88.66", "fd88::1:2", ID_A, 1),
+         "c": Pod("c", "n1", "lxcc", "192.168.88.67", "fd88::1:3", ID_C, 2),
+         "b": Pod("b", "n2", "lxcb", "192.168.88.98", "fd88::2:2", ID_B, 3)}),
 }
-POD_PREFIX = {"n1": ("10.1.1.0/24", "fd01:1::/64"), "n2": ("10.1.2.0/24", "fd01:2::/64")}
+# Counters of each mode: sent towards another node, received from one.
+SENT = {"overlay": "to_overlay_v{}", "direct": "routed_v{}"}
+RECEIVED = {"overlay": "from_overlay_v{}", "direct": "from_netdev_v{}"}
 
 # Runs in a node's netns: load the datapath, attach it, write endpoints, tunnels, ipcache, policy.
 NODE_SCRIPT = r"""
@@ -64,9 +91,13 @@ cfg = json.loads(sys.argv[1])
 dp = NodeDatapath(Path(cfg["pin_dir"]), Path(cfg["obj"]))
 dp.load()
 ipr = node_ipr()
+mode = abi.ROUTE_DIRECT if cfg["mode"] == "direct" else abi.ROUTE_VXLAN
 if cfg.get("attach"):
-    dp.attach_overlay(cfg["vxlan"])
-vx = ipr.link_lookup(ifname=cfg["vxlan"])[0]
+    if mode == abi.ROUTE_VXLAN:
+        dp.attach_overlay(cfg["vxlan"])
+    else:
+        dp.attach_netdev("ul0")
+vx = ipr.link_lookup(ifname=cfg["vxlan"] if mode == abi.ROUTE_VXLAN else "ul0")[0]
 for pod in cfg["pods"]:
     host = ipr.get_links(ipr.link_lookup(ifname=pod["host_if"])[0])[0]
     if cfg.get("attach"):
@@ -79,7 +110,8 @@ for pod in cfg["pods"]:
                for i in pod["allow_from"] for proto in (6, 17)}
     flags = abi.EP_F_INGRESS_ENFORCED if pod["allow_from"] else 0
     dp.apply_endpoint_policy(entries, flags, desired)
-dp.sync_tunnels({ipaddress.ip_network(net): NodeRoute(vx, ipaddress.ip_address(addr)) for net, addr in cfg["tunnels"]})
+dp.sync_tunnels({ipaddress.ip_network(net): NodeRoute(vx, ipaddress.ip_address(addr), mode)
+                 for net, addr in cfg["tunnels"]})
 dp.update_ipcache({ipaddress.ip_network(net): ident for net, ident in cfg["ipcache"]})
 dp.close()
 print("ok")
@@ -147,6 +179,11 @@ def sh(*argv: str) -> str:
 class Overlay:
     prefix: str
     pin_dirs: dict[str, Path]
+    topo: Topology
+
+    @property
+    def pods(self) -> dict[str, Pod]:
+        return self.topo.pods
 
     def ns(self, name: str) -> str:
         return self.prefix + name
@@ -156,12 +193,12 @@ class Overlay:
         other = "n2" if node == "n1" else "n1"
         cfg = {
             "pin_dir": str(self.pin_dirs[node]), "obj": str(default_object_path()), "vxlan": VXLAN,
-            "app_port": APP_PORT, "attach": attach,
+            "app_port": APP_PORT, "attach": attach, "mode": self.topo.mode,
             "pods": [{"host_if": p.host_if, "v4": p.v4, "v6": p.v6, "identity": p.identity, "ep_id": p.ep_id,
                       "mac": pod_mac(self.ns("p" + p.name)), "allow_from": allow_from.get(p.name, [])}
                      for p in pods],
             # The IPv4 pod prefix over the IPv4 underlay, the IPv6 one over IPv6: both kinds of tunnel key.
-            "tunnels": [(POD_PREFIX[other][0], UNDERLAY[other][0]), (POD_PREFIX[other][1], UNDERLAY[other][1])],
+            "tunnels": [(self.topo.pod_prefix[other][i], self.topo.underlay[other][i]) for i in (0, 1)],
             "ipcache": ipcache,
         }
         out = subprocess.run(["nsenter", f"--net=/run/netns/{self.ns(node)}", sys.executable, "-c", NODE_SCRIPT,
@@ -182,11 +219,12 @@ def pod_mac(netns: str) -> str:
     return str(info[0]["address"])
 
 
-@pytest.fixture(scope="module")
-def overlay() -> Iterator[Overlay]:
+@pytest.fixture(scope="module", params=["overlay", "direct"])
+def overlay(request: pytest.FixtureRequest) -> Iterator[Overlay]:
     subprocess.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", shell=True, check=True)
+    topo = TOPOLOGIES[request.param]
     prefix = f"wov-{secrets.token_hex(3)}-"
-    ov = Overlay(prefix, {n: Path(f"/sys/fs/bpf/{prefix}{n}") for n in ("n1", "n2")})
+    ov = Overlay(prefix, {n: Path(f"/sys/fs/bpf/{prefix}{n}") for n in ("n1", "n2")}, topo)
     created: list[str] = []
     children: list[subprocess.Popen[str]] = []
     try:
@@ -196,17 +234,26 @@ def overlay() -> Iterator[Overlay]:
             sh("ip", "-n", ov.ns(ns), "link", "set", "lo", "up")
             in_netns(ov.ns(ns), "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
                      "net.ipv6.conf.default.accept_dad=0")
-        # The underlay: one veth between the nodes. Forwarding stays off in both: pod traffic
-        # never takes the nodes' IP stacks.
+        # The underlay: one veth between the nodes. Pod traffic never takes the nodes' forwarding
+        # path (their counters are checked); direct mode turns forwarding on only because the
+        # datapath's FIB lookup, like any router's, answers only where forwarding is on.
         sh("ip", "-n", ov.ns("n1"), "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", ov.ns("n2"))
         for node in ("n1", "n2"):
-            v4, v6 = UNDERLAY[node]
+            v4, v6 = topo.underlay[node]
             sh("ip", "-n", ov.ns(node), "addr", "add", f"{v4}/24", "dev", "ul0")
             sh("ip", "-n", ov.ns(node), "addr", "add", f"{v6}/64", "dev", "ul0", "nodad")
             sh("ip", "-n", ov.ns(node), "link", "set", "ul0", "up")
-            sh("ip", "-n", ov.ns(node), "link", "add", VXLAN, "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
-            sh("ip", "-n", ov.ns(node), "link", "set", VXLAN, "up")
-        for pod in PODS.values():
+            if topo.mode == "overlay":
+                sh("ip", "-n", ov.ns(node), "link", "add", VXLAN, "type", "vxlan", "external", "dstport",
+                   str(VXLAN_PORT))
+                sh("ip", "-n", ov.ns(node), "link", "set", VXLAN, "up")
+            else:
+                other = "n2" if node == "n1" else "n1"
+                in_netns(ov.ns(node), "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+                for i, ip in ((0, "-4"), (1, "-6")):
+                    sh("ip", "-n", ov.ns(node), ip, "route", "add", topo.pod_prefix[other][i], "via",
+                       topo.underlay[other][i], "dev", "ul0")
+        for pod in topo.pods.values():
             pns, node = ov.ns("p" + pod.name), ov.ns(pod.node)
             sh("ip", "-n", node, "link", "add", pod.host_if, "mtu", str(POD_MTU), "type", "veth", "peer", "name",
                "eth0", "mtu", str(POD_MTU), "netns", pns)
@@ -214,7 +261,7 @@ def overlay() -> Iterator[Overlay]:
             sh("ip", "-n", pns, "link", "set", "eth0", "up")
             sh("ip", "-n", pns, "addr", "add", f"{pod.v4}/32", "dev", "eth0")
             sh("ip", "-n", pns, "-6", "addr", "add", f"{pod.v6}/128", "dev", "eth0", "nodad")
-            gw4 = str(ipaddress.ip_network(POD_PREFIX[pod.node][0])[1])
+            gw4 = str(ipaddress.ip_network(topo.pod_prefix[pod.node][0])[1])
             sh("ip", "-n", pns, "route", "add", gw4, "dev", "eth0", "scope", "link")
             sh("ip", "-n", pns, "route", "add", "default", "via", gw4, "dev", "eth0")
             sh("ip", "-n", pns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
@@ -222,7 +269,7 @@ def overlay() -> Iterator[Overlay]:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(echo)
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-        a, b, c = PODS["a"], PODS["b"], PODS["c"]
+        a, b, c = topo.pods["a"], topo.pods["b"], topo.pods["c"]
         # n1's ipcache knows b; n2's knows a and c (their identities, as the cluster store would say).
         ov.node_script("n1", [a, c], {}, True, [(f"{b.v4}/32", ID_B), (f"{b.v6}/128", ID_B)])
         ov.node_script("n2", [b], {"b": [ID_A]}, True,
@@ -239,38 +286,47 @@ def overlay() -> Iterator[Overlay]:
             unpin_all(pin_dir)
 
 
+def forwarded(overlay: Overlay) -> dict[str, int]:
+    """The nodes' own IP forwarding counters (IPv4 and IPv6)."""
+    return {f"{node}/{proto}": snmp_counter(overlay.ns(node), proto, field)
+            for node in ("n1", "n2") for proto, field in (("Ip", "ForwDatagrams"), ("Ip6", "OutForwDatagrams"))}
+
+
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 @pytest.mark.parametrize("family", [4, 6])
-def test_cross_node_through_the_overlay(overlay: Overlay, proto: str, family: int) -> None:
-    b = PODS["b"]
-    before1, before2 = overlay.counters("n1"), overlay.counters("n2")
+def test_cross_node(overlay: Overlay, proto: str, family: int) -> None:
+    b = overlay.pods["b"]
+    sent, received = SENT[overlay.topo.mode].format(family), RECEIVED[overlay.topo.mode].format(family)
+    before1, before2, fwd_before = overlay.counters("n1"), overlay.counters("n2"), forwarded(overlay)
     assert overlay.talk("a", proto, b.v4 if family == 4 else b.v6), f"a -> b {proto} IPv{family}"
     after1, after2 = overlay.counters("n1"), overlay.counters("n2")
-    assert after1[f"to_overlay_v{family}"] > before1[f"to_overlay_v{family}"], "n1 encapsulated"
-    assert after2[f"from_overlay_v{family}"] > before2[f"from_overlay_v{family}"], "n2 decapsulated and delivered"
-    # The replies took the overlay back.
-    assert after2[f"to_overlay_v{family}"] > before2[f"to_overlay_v{family}"]
-    assert after1[f"from_overlay_v{family}"] > before1[f"from_overlay_v{family}"]
+    assert after1[sent] > before1[sent], f"n1: {sent}"
+    assert after2[received] > before2[received], f"n2: {received}"
+    # The replies went back the same way.
+    assert after2[sent] > before2[sent]
+    assert after1[received] > before1[received]
+    assert forwarded(overlay) == fwd_before, "the nodes' IP stacks forwarded nothing"
 
 
-def test_full_size_segments_fit_the_overlay_mtu(overlay: Overlay) -> None:
-    assert overlay.talk("a", "tcp", PODS["b"].v4, size=1 << 20), "1 MiB echoed over IPv4"
-    assert overlay.talk("a", "tcp", PODS["b"].v6, size=1 << 20), "1 MiB echoed over IPv6"
+def test_full_size_segments_fit_the_pod_mtu(overlay: Overlay) -> None:
+    assert overlay.talk("a", "tcp", overlay.pods["b"].v4, size=1 << 20), "1 MiB echoed over IPv4"
+    assert overlay.talk("a", "tcp", overlay.pods["b"].v6, size=1 << 20), "1 MiB echoed over IPv6"
 
 
-def test_ingress_policy_judges_the_carried_identity(overlay: Overlay) -> None:
-    b = PODS["b"]
+def test_ingress_policy_holds_across_nodes(overlay: Overlay) -> None:
+    b = overlay.pods["b"]
     before = overlay.counters("n2")
     assert not overlay.talk("c", "tcp", b.v4), "c's identity is not allowed into b"
     assert not overlay.talk("c", "udp", b.v6)
     assert overlay.counters("n2")["drop_policy_ingress"] > before["drop_policy_ingress"]
 
 
+@pytest.mark.parametrize("overlay", ["overlay"], indirect=True)
 def test_a_reused_address_does_not_inherit_the_old_identity(overlay: Overlay) -> None:
     """a's addresses now belong to an endpoint of c's identity on n1; n2's ipcache still says
     they are a's (as it would until the update arrives). The packet carries the sender's real
-    identity, so n2 refuses it."""
-    a, b = PODS["a"], PODS["b"]
+    identity, so n2 refuses it. (Overlay only: direct routing carries no identity, as in Cilium.)"""
+    a, b = overlay.pods["a"], overlay.pods["b"]
     reused = Pod("a", "n1", "lxca", a.v4, a.v6, ID_C, a.ep_id)
     overlay.node_script("n1", [reused], {}, False, [])
     try:
@@ -282,6 +338,7 @@ def test_a_reused_address_does_not_inherit_the_old_identity(overlay: Overlay) ->
     assert overlay.talk("a", "tcp", b.v4), "a's own identity is allowed again"
 
 
+@pytest.mark.parametrize("overlay", ["overlay"], indirect=True)
 def test_a_node_that_left_loses_its_tunnels(overlay: Overlay) -> None:
     """Without n2's prefixes in n1's weft_tunnel, nothing is encapsulated towards it."""
     script = r"""
@@ -301,8 +358,8 @@ dp.close()
     assert out.returncode == 0, out.stderr
     try:
         before = overlay.counters("n1")
-        assert not overlay.talk("a", "udp", PODS["b"].v4)
+        assert not overlay.talk("a", "udp", overlay.pods["b"].v4)
         assert overlay.counters("n1")["to_overlay_v4"] == before["to_overlay_v4"]
     finally:
-        overlay.node_script("n1", [PODS["a"], PODS["c"]], {}, False, [])
-    assert overlay.talk("a", "udp", PODS["b"].v4)
+        overlay.node_script("n1", [overlay.pods["a"], overlay.pods["c"]], {}, False, [])
+    assert overlay.talk("a", "udp", overlay.pods["b"].v4)
