@@ -40,6 +40,34 @@ def drain_del_queue(manager: EndpointManager, queue_dir: Path) -> list[str]:
     return done
 
 
+_last_memory_snapshot: list[Any] = []  # the previous SIGUSR2 snapshot, to report growth
+
+
+def log_memory_sites(limit: int = 25) -> None:
+    """SIGUSR2: when the agent runs with PYTHONTRACEMALLOC set, log where its memory is held
+    (the top allocation sites) and, from the second signal on, what grew since the previous one:
+    to find what grows with endpoints or policies."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        log.warning("SIGUSR2: start the agent with PYTHONTRACEMALLOC=<frames> to see its memory by site")
+        return
+    snapshot = tracemalloc.take_snapshot()
+    stats = snapshot.statistics("lineno")
+    total = sum(stat.size for stat in stats)
+    log.warning("memory held: %.1f KiB in %d sites; the top %d:", total / 1024, len(stats), limit)
+    for stat in stats[:limit]:
+        frame = stat.traceback[-1]  # file:line only: formatting would load (and keep) source lines
+        log.warning("  %8.1f KiB %7d blocks  %s:%d", stat.size / 1024, stat.count, frame.filename, frame.lineno)
+    if _last_memory_snapshot:
+        log.warning("grown since the previous SIGUSR2:")
+        for diff in snapshot.compare_to(_last_memory_snapshot[0], "lineno")[:limit]:
+            frame = diff.traceback[-1]
+            log.warning("  %+8.1f KiB %+7d blocks  %s:%d", diff.size_diff / 1024, diff.count_diff, frame.filename,
+                        frame.lineno)
+    _last_memory_snapshot[:] = [snapshot]
+
+
 async def run(config: NodeConfig) -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
     loop = asyncio.get_running_loop()
@@ -70,6 +98,7 @@ async def run(config: NodeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, log_memory_sites)
 
     async def every(interval: float, fn: Any, *args: Any) -> None:
         while True:
