@@ -12,9 +12,9 @@ BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRC))
 BPF_HDR := $(wildcard bpf/include/shared/*.h bpf/lib/*.h)
 
-.PHONY: install apt bpffs venv bpf demo test test-unit test-privileged lint bench clean
+.PHONY: install apt bpffs venv bpf native demo test test-unit test-privileged lint bench clean
 
-install: apt bpffs venv bpf
+install: apt bpffs venv bpf native
 	@ln -sf $(VENV)/bin/weft /usr/local/bin/weft
 	@ln -sf $(VENV)/bin/weft-agent /usr/local/bin/weft-agent
 	@echo "weft installed: $$(command -v weft)"
@@ -40,6 +40,13 @@ venv: $(VENV)/.installed
 build/bpf/%.o: bpf/%.c $(BPF_HDR)
 	@mkdir -p build/bpf
 	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_x86 -Ibpf/include -Ibpf -c $< -o $@
+
+# weft-cni's native launcher: runtimes exec it for every pod operation (see src/weft/cni/launcher.py).
+native: build/cni/weft-cni
+
+build/cni/weft-cni: src/weft/cni/native_launcher.c
+	@mkdir -p build/cni
+	gcc -O2 -Wall -Wextra -Werror -o $@ $<
 
 bpf: $(BPF_OBJ)
 	@# The CNI plugin runs under Debian's interpreter at every pod operation: give it bytecode.

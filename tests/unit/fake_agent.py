@@ -9,6 +9,7 @@ otherwise).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -60,8 +61,11 @@ class Script:
 class FakeAgent:
     """Threaded JSON-lines server on a unix socket. Use it as a context manager."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inline_exec: bool = False) -> None:
         self.path = Path(path)
+        # Answer cni.exec (the native launcher's request) as the agent does: run the plugin's
+        # code here, its requests going to this fake's scripts (recorded with via="cni.exec").
+        self.inline_exec = inline_exec
         self.requests: list[dict[str, Any]] = []
         self.connections: list[int] = []  # connection number of each recorded request
         self._scripts: dict[str, Script] = {}
@@ -153,11 +157,46 @@ class FakeAgent:
                     if not self._answer(conn, line, number):
                         return
 
+    def _exec(self, params: dict[str, Any], number: int) -> dict[str, Any]:
+        from weft.cni import plugin
+
+        class ScriptedError(Exception):
+            def __init__(self, error: dict[str, Any]) -> None:
+                super().__init__(error.get("msg", ""))
+                self.error = error
+
+            def to_json(self) -> dict[str, Any]:
+                return self.error
+
+        def dispatch(method: str, inner: dict[str, Any]) -> Any:
+            with self._lock:
+                self.requests.append({"method": method, "params": inner, "via": "cni.exec"})
+                self.connections.append(number)
+            script = self._scripts.get(method)
+            if script is not None and script.error is not None:
+                raise ScriptedError(script.error)
+            if script is not None and script.result is not None:
+                return copy.deepcopy(script.result)
+            return copy.deepcopy(DEFAULT_RESULTS.get(method, {}))
+
+        env = {k: base64.b64decode(v).decode("utf-8", "surrogateescape") for k, v in params["env"].items()}
+        status, out = plugin.run_in_agent(env, base64.b64decode(params["stdin"]), tuple(params["netns"]), dispatch)
+        return {"exit": status, "stdout": base64.b64encode(out.encode("utf-8", "surrogateescape")).decode()}
+
     def _answer(self, conn: socket.socket, line: bytes, number: int) -> bool:
         try:
             request = json.loads(line)
         except ValueError:
             request = {"method": None, "params": None, "unparseable": line.decode(errors="replace")}
+        if self.inline_exec and isinstance(request, dict) and request.get("method") == "cni.exec":
+            out = json.dumps({"result": self._exec(request["params"], number)}).encode() + b"\n"
+            try:
+                conn.settimeout(5)
+                conn.sendall(out)
+                conn.settimeout(0.05)
+            except OSError:
+                return False
+            return True
         with self._lock:
             self.requests.append(request)
             self.connections.append(number)

@@ -83,7 +83,7 @@ class Run:
 @pytest.fixture(scope="session")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cnibin") / "weft"
-    write_launcher(path)
+    write_launcher(path, native=False)  # the Python plugin itself (the native launcher: test_cni_native.py)
     return path
 
 
@@ -166,14 +166,14 @@ def expected_canonical_prev(version: str) -> dict[str, Any]:
 
 def test_launcher_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "weft"
-    write_launcher(path, src_dir=tmp_path / "src")
+    write_launcher(path, src_dir=tmp_path / "src", native=False)
     mode = stat.S_IMODE(path.stat().st_mode)
     assert mode == 0o755
     lines = path.read_text().splitlines()
     assert lines[0] == f"#!{PYTHON} -S" == "#!/usr/bin/python3 -S"
     assert f"sys.path.insert(0, {str((tmp_path / 'src').resolve())!r})" in lines
     assert lines[-2:] == ["from weft.cni.plugin import main", "sys.exit(main())"]
-    write_launcher(path)  # rewrite in place: default src dir, no tmp files left behind
+    write_launcher(path, native=False)  # rewrite in place: default src dir, no tmp files left behind
     assert repr(str(default_src_dir())) in path.read_text()
     assert (default_src_dir() / "weft" / "cni" / "plugin.py").is_file()
     assert sorted(p.name for p in path.parent.iterdir()) == ["weft"]

@@ -11,6 +11,7 @@ rolls it back, so nothing leaks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import logging
@@ -23,6 +24,7 @@ from weft.agent.config import NodeConfig
 from weft.agent.dnsnames import DnsNames
 from weft.agent.errors import (
     ALREADY_EXISTS,
+    BAD_REQUEST,
     CHECK_FAILED,
     INVALID_ENV,
     IO_FAILURE,
@@ -34,6 +36,7 @@ from weft.agent.errors import (
 from weft.agent.flows import FlowObserver
 from weft.agent.policy import PolicyController
 from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
+from weft.cni import plugin as cni_plugin
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
 from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
@@ -162,8 +165,17 @@ class EndpointManager:
     def _wire(self, record: EndpointRecord) -> None:
         self.reaper.wait(record.host_ifname)
         pod_addrs = [veth.PodAddress(ip, gateway_of(self.blocks[ip.version])) for ip in record.ips()]
-        link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
-                                    mtu=self.config.mtu)
+        try:
+            link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
+                                        mtu=self.config.mtu)
+        except veth.LinkExistsError:
+            # The name may belong to a link whose deletion is still queued: another container's
+            # DEL in the same netns just before (a runtime retrying with a new id). Only then
+            # is it worth waiting and trying again; otherwise the name is really taken.
+            if not self.reaper.pending() or not self.reaper.drain():
+                raise
+            link = veth.create_pod_link(record.netns, record.container_id, record.ifname, pod_addrs,
+                                        mtu=self.config.mtu)
         record.host_mac, record.pod_mac, record.host_ifindex = link.host_mac, link.pod_mac, link.host_ifindex
         try:
             # The host side while the pod side is configured in parallel.
@@ -448,7 +460,7 @@ class EndpointManager:
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
             "cni.add": self.cni_add, "cni.del": self.cni_del, "cni.check": self.cni_check,
-            "cni.status": self.cni_status, "cni.gc": self.cni_gc, "pod.set": self.pod_set,
+            "cni.status": self.cni_status, "cni.gc": self.cni_gc, "cni.exec": self.cni_exec, "pod.set": self.pod_set,
             "namespace.set": self.namespace_set,
             "policy.apply": self.policy.apply, "policy.delete": self.policy.delete,
             "policy.list": self.policy.list_policies, "policy.get": self.policy.get,
@@ -458,6 +470,31 @@ class EndpointManager:
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
             "sync": lambda p: {"drained": self.reaper.drain(float(p.get("timeout", 30)))},
         }
+
+    def cni_exec(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A whole weft-cni invocation from the native launcher (cni/weft-cni.c), which execs no
+        interpreter: the plugin's own code (weft.cni.plugin) runs here, on the agent's worker, with
+        the invocation's environment and stdin, calling these handlers directly. Params: ``env``
+        (CNI_* variable -> base64), ``stdin`` (base64), ``netns`` ([st_dev, st_ino] of the
+        launcher's netns). Result: ``exit`` and ``stdout`` (base64) as the plugin gives them."""
+        try:
+            env = {str(k): base64.b64decode(v, validate=True).decode("utf-8", "surrogateescape")
+                   for k, v in dict(p.get("env") or {}).items()}
+            stdin = base64.b64decode(str(p.get("stdin", "")), validate=True)
+            netns = p.get("netns")
+            own = (int(netns[0]), int(netns[1])) if isinstance(netns, list) and len(netns) == 2 else None
+        except (ValueError, TypeError) as exc:
+            raise AgentError(BAD_REQUEST, f"cni.exec: malformed params: {exc}") from None
+        handlers = self.handlers()
+
+        def dispatch(method: str, params: dict[str, Any]) -> Any:
+            handler = handlers.get(method)
+            if handler is None or method == "cni.exec":
+                raise AgentError(BAD_REQUEST, f"unknown method {method!r}")
+            return handler(params)
+
+        status, out = cni_plugin.run_in_agent(env, stdin, own, dispatch)
+        return {"exit": status, "stdout": base64.b64encode(out.encode("utf-8", "surrogateescape")).decode("ascii")}
 
     def _find_pod(self, ref: str) -> EndpointRecord | None:
         for record in self.state.endpoints.values():

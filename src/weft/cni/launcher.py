@@ -1,6 +1,8 @@
 """Write the weft-cni plugin executable that runtimes exec (standard library only).
 
-The launcher is a 4-line Python script::
+What runtimes exec is the native launcher (``native_launcher.c``, built by ``make``) when it is
+built: it hands each invocation to the agent (``cni.exec``), which runs this package's plugin
+code, and falls back to the Python launcher beside it. The Python launcher is a 4-line script::
 
     #!/usr/bin/python3 -S
     import sys
@@ -40,19 +42,17 @@ def launcher_text(src_dir: pathlib.Path) -> str:
     )
 
 
-def write_launcher(path: pathlib.Path, src_dir: pathlib.Path | None = None) -> None:
-    """Write the plugin launcher to ``path`` (mode 0755), atomically.
-
-    A runtime exec'ing ``path`` at that moment sees the old file or the new one, never a partial
-    one. ``src_dir`` defaults to this checkout's ``src``. The parent directory is created if needed.
-    """
+def native_launcher_path(src_dir: pathlib.Path | None = None) -> pathlib.Path:
+    """The native launcher built from ``native_launcher.c`` by ``make`` (``build/cni/weft-cni``)."""
     src = (src_dir if src_dir is not None else default_src_dir()).resolve()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return src.parent / "build" / "cni" / "weft-cni"
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(launcher_text(src))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o755)
@@ -61,6 +61,28 @@ def write_launcher(path: pathlib.Path, src_dir: pathlib.Path | None = None) -> N
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_launcher(path: pathlib.Path, src_dir: pathlib.Path | None = None, native: bool = True) -> None:
+    """Install the plugin at ``path`` (mode 0755), atomically.
+
+    With the native launcher built (and ``native``): it goes to ``path`` and the Python launcher
+    to ``<path>.py``, which the native one execs whenever it cannot hand the invocation to the
+    agent. Otherwise the Python launcher goes to ``path``. A runtime exec'ing ``path`` at that
+    moment sees the old file or the new one, never a partial one. ``src_dir`` defaults to this
+    checkout's ``src``. The parent directory is created if needed.
+    """
+    src = (src_dir if src_dir is not None else default_src_dir()).resolve()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = launcher_text(src).encode("utf-8")
+    binary = native_launcher_path(src)
+    if native and binary.exists():
+        # The fallback first: the native launcher may exec it as soon as it is in place.
+        _write_atomically(path.with_name(path.name + ".py"), text)
+        _write_atomically(path, binary.read_bytes())
+    else:
+        _write_atomically(path, text)
     _compile(src)
 
 

@@ -117,6 +117,9 @@ if TYPE_CHECKING:
     from typing import IO, Any
 
     JSONObject = dict[str, Any]
+    # Opens a session with the agent: (socket path, connect timeout, request timeout) -> an
+    # object with call(method, params) that is its own context manager (see AgentConnection).
+    Connector = Callable[[str, float, float], Any]
 
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
@@ -592,14 +595,20 @@ def remove_queued(queue_dir: str, name: str) -> None:
 class Invocation:
     """One plugin run: environment, raw stdin and output stream."""
 
-    __slots__ = ("command", "env", "error_version", "out", "raw")
+    __slots__ = ("command", "connect", "env", "error_version", "out", "own_netns", "raw")
 
-    def __init__(self, command: str, env: Mapping[str, str], raw: bytes, out: IO[str]) -> None:
+    def __init__(self, command: str, env: Mapping[str, str], raw: bytes, out: IO[str],
+                 connect: Connector | None = None, own_netns: tuple[int, int] | None = None) -> None:
         self.command = command
         self.env = env
         self.raw = raw
         self.out = out
         self.error_version = LATEST_VERSION
+        # How to reach the agent: its socket (the plugin as its own process) or, when the agent
+        # runs this code for the native launcher (cni.exec), its own handlers.
+        self.connect: Connector = AgentConnection if connect is None else connect
+        # (st_dev, st_ino) of the plugin process's netns; None: this process's own.
+        self.own_netns = own_netns
 
     def netconf(self) -> NetConf:
         data = _parse_json(self.raw)
@@ -654,13 +663,15 @@ class Invocation:
         }
 
 
-def _netns_is_own(netns: str) -> bool:
+def _netns_is_own(netns: str, own_netns: tuple[int, int] | None = None) -> bool:
     try:
         target = os.stat(netns)
-        own = os.stat("/proc/self/ns/net")
+        if own_netns is None:
+            own = os.stat("/proc/self/ns/net")
+            own_netns = (own.st_dev, own.st_ino)
     except OSError:
         return False
-    return (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino)
+    return (target.st_dev, target.st_ino) == own_netns
 
 
 def _own_netns_error() -> CNIError:
@@ -692,13 +703,13 @@ def cmd_add(inv: Invocation) -> int:
         raise CNIError(
             ERR_INVALID_ENV, "invalid environment variable: CNI_NETNS", f"CNI_NETNS {netns!r} does not exist"
         )
-    if _netns_is_own(netns):
+    if _netns_is_own(netns, inv.own_netns):
         raise _own_netns_error()
     params = inv.params(conf, cid, netns, ifname)
     qname = queue_file_name(cid, ifname)
     queued = read_queued(conf.del_queue_dir, qname)
     try:
-        with AgentConnection(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
+        with inv.connect(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
             if queued is not None:
                 queued.pop("queuedAt", None)
                 try:
@@ -720,7 +731,7 @@ def cmd_add(inv: Invocation) -> int:
 def cmd_del(inv: Invocation) -> int:
     conf = inv.netconf()
     cid, netns, ifname = inv.attachment(netns_required=False)
-    if netns and _netns_is_own(netns):
+    if netns and _netns_is_own(netns, inv.own_netns):
         raise _own_netns_error()
     params = inv.params(conf, cid, netns, ifname)
     prev = conf.prev_result()
@@ -734,7 +745,7 @@ def cmd_del(inv: Invocation) -> int:
         if not params["netns"] and isinstance(queued.get("netns"), str):
             params["netns"] = queued["netns"]
     try:
-        with AgentConnection(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
+        with inv.connect(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
             agent.call("cni.del", params)
     except (AgentUnavailable, AgentProtocolError) as exc:
         try:
@@ -765,11 +776,11 @@ def cmd_check(inv: Invocation) -> int:
             "container unknown or does not exist",
             f"CNI_NETNS {netns!r} does not exist",
         )
-    if _netns_is_own(netns):
+    if _netns_is_own(netns, inv.own_netns):
         raise _own_netns_error()
     params = inv.params(conf, cid, netns, ifname)
     params["prevResult"] = prev
-    _forward(conf, "cni.check", params, ERR_TRY_AGAIN)
+    _forward(inv, conf, "cni.check", params, ERR_TRY_AGAIN)
     return 0
 
 
@@ -781,7 +792,7 @@ def _no_attachment_params(inv: Invocation, conf: NetConf) -> JSONObject:
 def cmd_status(inv: Invocation) -> int:
     conf = inv.netconf()
     conf.require("STATUS", "1.1.0")
-    _forward(conf, "cni.status", _no_attachment_params(inv, conf), ERR_NOT_AVAILABLE)
+    _forward(inv, conf, "cni.status", _no_attachment_params(inv, conf), ERR_NOT_AVAILABLE)
     return 0
 
 
@@ -805,13 +816,13 @@ def cmd_gc(inv: Invocation) -> int:
         valid.append({"containerID": item["containerID"], "ifname": item["ifname"]})
     params = _no_attachment_params(inv, conf)
     params["validAttachments"] = valid
-    _forward(conf, "cni.gc", params, ERR_TRY_AGAIN)
+    _forward(inv, conf, "cni.gc", params, ERR_TRY_AGAIN)
     return 0
 
 
-def _forward(conf: NetConf, method: str, params: JSONObject, unreachable_code: int) -> Any:
+def _forward(inv: Invocation, conf: NetConf, method: str, params: JSONObject, unreachable_code: int) -> Any:
     try:
-        with AgentConnection(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
+        with inv.connect(conf.agent_socket, conf.connect_timeout, conf.request_timeout) as agent:
             return agent.call(method, params)
     except AgentUnavailable as exc:
         raise _unreachable(conf, unreachable_code, str(exc)) from None
@@ -838,11 +849,53 @@ def _read_all(stream: IO[Any] | None) -> bytes:
     return bytes(data)
 
 
+class InAgent:
+    """The agent's side of the native launcher (``cni.exec``): this module's verbs run inside
+    the agent, and their requests go straight to the agent's handlers instead of its socket.
+    ``dispatch(method, params)`` returns the result or raises the agent's error as an object
+    with ``to_json()`` (code, msg, details), which becomes the CNI error as over the socket."""
+
+    def __init__(self, dispatch: Callable[[str, JSONObject], Any]) -> None:
+        self.dispatch = dispatch
+
+    def __call__(self, path: str, connect_timeout: float, request_timeout: float) -> InAgent:
+        return self
+
+    def __enter__(self) -> InAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def call(self, method: str, params: JSONObject) -> Any:
+        try:
+            # Through JSON as over the socket: the handlers get (and keep) data of their own.
+            return self.dispatch(method, json.loads(json.dumps(params)))
+        except Exception as exc:
+            to_json = getattr(exc, "to_json", None)
+            if to_json is None:
+                raise
+            raise _agent_error(to_json()) from None
+
+
+def run_in_agent(environ: Mapping[str, str], stdin: bytes, own_netns: tuple[int, int] | None,
+                 dispatch: Callable[[str, JSONObject], Any]) -> tuple[int, str]:
+    """One plugin invocation run by the agent for the native launcher: (exit status, stdout)."""
+    import io
+
+    out = io.StringIO()
+    status = main(environ=environ, stdin=io.BytesIO(stdin), stdout=out, connect=InAgent(dispatch),
+                  own_netns=own_netns)
+    return status, out.getvalue()
+
+
 def main(
     argv: list[str] | None = None,
     environ: Mapping[str, str] | None = None,
     stdin: IO[Any] | None = None,
     stdout: IO[str] | None = None,
+    connect: Connector | None = None,
+    own_netns: tuple[int, int] | None = None,
 ) -> int:
     """Run one CNI invocation and return the exit status (0 ok, 1 error printed on stdout).
 
@@ -854,7 +907,7 @@ def main(
     env: Mapping[str, str] = os.environ if environ is None else environ
     out: IO[str] = sys.stdout if stdout is None else stdout
     command = env.get("CNI_COMMAND", "")
-    inv = Invocation(command, env, b"", out)
+    inv = Invocation(command, env, b"", out, connect, own_netns)
     try:
         try:
             inv.raw = _read_all(sys.stdin.buffer if stdin is None and sys.stdin is not None else stdin)

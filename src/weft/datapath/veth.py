@@ -38,6 +38,10 @@ class LinkError(Exception):
     """A pod interface could not be set up or inspected."""
 
 
+class LinkExistsError(LinkError):
+    """The pod's interface name or the host-side name is taken."""
+
+
 @dataclass(frozen=True)
 class PodAddress:
     address: IPAddress
@@ -127,7 +131,7 @@ def create_pod_link(
         )
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
-            raise LinkError(
+            raise LinkExistsError(
                 f"interface {pod_ifname} already exists in {netns_path} or {host_ifname} on the node"
             ) from exc
         raise LinkError(f"creating veth {host_ifname}/{pod_ifname}: {exc}") from exc
