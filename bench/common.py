@@ -232,16 +232,21 @@ def ensure_bpf() -> None:
     run("make", "-s", "-C", str(REPO), "bpf", timeout=600)
 
 
-def build_rr() -> Path:
-    """Compile bench/rr.c into build/bench/rr (again only if the source is newer)."""
-    src = REPO / "bench" / "rr.c"
-    out = BUILD / "rr"
+def build_tool(name: str) -> Path:
+    """Compile bench/<name>.c into build/bench/<name> (again only if the source is newer)."""
+    src = REPO / "bench" / f"{name}.c"
+    out = BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         run("gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(src), timeout=120)
         os.replace(tmp, out)
     return out
+
+
+def build_rr() -> Path:
+    """bench/rr.c, the request/response tool, built."""
+    return build_tool("rr")
 
 
 # ---------------------------------------------------------------------------- statistics / output

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    BUILD,
     PREFIX,
     REPO,
     BenchError,
@@ -48,12 +46,12 @@ from bench.common import (
     Result,
     bench_env,
     bench_session,
+    build_tool,
     dump_json,
     ensure_bpf,
     in_netns,
     median,
     print_results,
-    run,
     say,
     spread,
     table,
@@ -104,14 +102,7 @@ signal.pause()
 
 
 def build_udpgen() -> Path:
-    src = REPO / "bench" / "udpgen.c"
-    out = BUILD / "udpgen"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        BUILD.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        run("gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(src), timeout=120)
-        os.replace(tmp, out)
-    return out
+    return build_tool("udpgen")
 
 
 @dataclass

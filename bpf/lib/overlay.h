@@ -13,6 +13,7 @@
 #include "maps.h"
 #include "metrics.h"
 #include "events.h"
+#include "identity.h"
 
 #ifndef BPF_F_TUNINFO_IPV6
 #define BPF_F_TUNINFO_IPV6 (1ULL << 0)
@@ -25,12 +26,7 @@ static __always_inline const struct weft_tunnel_value *tunnel_lookup(__u8 family
 {
 	struct weft_ipcache_key key = {};
 
-	key.prefixlen = 32 + (family == WEFT_FAMILY_V4 ? 32 : 128);
-	key.family = family;
-	if (family == WEFT_FAMILY_V4)
-		__builtin_memcpy(key.addr, addr, 4);
-	else
-		__builtin_memcpy(key.addr, addr, 16);
+	lpm_address_key(&key, family, addr);
 	return bpf_map_lookup_elem(&weft_tunnel, &key);
 }
 

@@ -189,14 +189,7 @@ class FakeAgent:
         except ValueError:
             request = {"method": None, "params": None, "unparseable": line.decode(errors="replace")}
         if self.inline_exec and isinstance(request, dict) and request.get("method") == "cni.exec":
-            out = json.dumps({"result": self._exec(request["params"], number)}).encode() + b"\n"
-            try:
-                conn.settimeout(5)
-                conn.sendall(out)
-                conn.settimeout(0.05)
-            except OSError:
-                return False
-            return True
+            return self._send(conn, json.dumps({"result": self._exec(request["params"], number)}).encode() + b"\n")
         with self._lock:
             self.requests.append(request)
             self.connections.append(number)
@@ -218,6 +211,10 @@ class FakeAgent:
             else:
                 result = DEFAULT_RESULTS.get(str(method), {})
             out = json.dumps({"result": copy.deepcopy(result)}).encode() + b"\n"
+        return self._send(conn, out)
+
+    @staticmethod
+    def _send(conn: socket.socket, out: bytes) -> bool:
         try:
             conn.settimeout(5)
             conn.sendall(out)

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +39,6 @@ def launchers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_launcher(base / "py" / "weft", native=False)
     write_launcher(base / "native" / "weft")
     return {"python": base / "py" / "weft", "native": base / "native" / "weft"}
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="wcnn-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def netns(tmp_path: Path) -> str:
-    path = tmp_path / "netns-pod1"
-    path.touch()
-    return str(path)
 
 
 def test_native_install_layout(launchers: dict[str, Path]) -> None:

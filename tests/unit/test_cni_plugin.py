@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import socket
 import stat
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,25 +86,9 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def sockdir() -> Iterator[Path]:
-    # unix socket paths are limited to 107 bytes: keep them short, not under pytest's tmp_path
-    path = Path(tempfile.mkdtemp(prefix="wcni-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def agent(sockdir: Path) -> Iterator[FakeAgent]:
     with FakeAgent(sockdir / "agent.sock") as fake:
         yield fake
-
-
-@pytest.fixture
-def netns(tmp_path: Path) -> str:
-    # stands in for /run/netns/<name>: the plugin only checks that it exists
-    path = tmp_path / "netns-pod1"
-    path.touch()
-    return str(path)
 
 
 def netconf(version: str, sock: Path | str, **extra: Any) -> dict[str, Any]:

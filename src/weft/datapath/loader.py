@@ -255,27 +255,20 @@ class NodeDatapath:
         """In the CALLER's current netns: ensure a clsact qdisc on ``ifname`` and install
         from_container at ingress and to_container at egress with a fixed prio/handle, using
         replace so a re-attach after a restart swaps programs atomically without a gap."""
-        self._need()
-        if ifindex is None:
-            found = node_ipr().link_lookup(ifname=ifname)
-            if not found:
-                raise FileNotFoundError(f"interface {ifname} not found")
-            ifindex = found[0]
-        libbpf.tc_hook_create(ifindex)
-        for egress, prog in ((False, "from_container"), (True, "to_container")):
-            libbpf.tc_attach(ifindex, self._prog_fds[prog], egress, TC_HANDLE, TC_PRIO)
+        self._attach(ifname, ifindex, (("from_container", False), ("to_container", True)))
 
     def attach_overlay(self, ifname: str, ifindex: int | None = None) -> None:
         """In the caller's netns: from_overlay at the ingress of the node's collect-metadata
         VXLAN device (what other nodes' pods send to this node's), replacing in place."""
-        self._attach_ingress("from_overlay", ifname, ifindex)
+        self._attach(ifname, ifindex, (("from_overlay", False),))
 
     def attach_netdev(self, ifname: str, ifindex: int | None = None) -> None:
         """In the caller's netns: from_netdev at the ingress of the node's underlay device
         (direct routing: what other nodes route to this node's pods), replacing in place."""
-        self._attach_ingress("from_netdev", ifname, ifindex)
+        self._attach(ifname, ifindex, (("from_netdev", False),))
 
-    def _attach_ingress(self, prog: str, ifname: str, ifindex: int | None) -> None:
+    def _attach(self, ifname: str, ifindex: int | None, programs: tuple[tuple[str, bool], ...]) -> None:
+        """Each (program, at egress?) on the link's clsact hook, with our fixed handle/priority."""
         self._need()
         if ifindex is None:
             found = node_ipr().link_lookup(ifname=ifname)
@@ -283,7 +276,8 @@ class NodeDatapath:
                 raise FileNotFoundError(f"interface {ifname} not found")
             ifindex = found[0]
         libbpf.tc_hook_create(ifindex)
-        libbpf.tc_attach(ifindex, self._prog_fds[prog], False, TC_HANDLE, TC_PRIO)
+        for prog, egress in programs:
+            libbpf.tc_attach(ifindex, self._prog_fds[prog], egress, TC_HANDLE, TC_PRIO)
 
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link
