@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -93,7 +94,11 @@ class EtcdStore(Store):
             resp = self._client.post(path, json=body)
         except httpx.TransportError as e:
             raise StoreUnavailable(f"etcd at {self.endpoint} unreachable ({path}): {e}") from e
-        data: dict[str, Any] = resp.json() if resp.content else {}
+        try:
+            data: dict[str, Any] = resp.json() if resp.content else {}
+        except ValueError:
+            # not the gateway speaking (a proxy, or etcd mid-start): report the status and body as they are
+            data = {"error": resp.text[:200]}
         if resp.status_code != 200:
             code = int(data.get("code", 0))
             message = data.get("error") or data.get("message") or resp.text
@@ -164,18 +169,27 @@ class EtcdStore(Store):
         self._client.close()
 
 
+class _StreamError(Exception):
+    """The watch stream broke in a way worth a reconnect (an error message, a non-200 answer)."""
+
+
 class EtcdWatcher(Watcher):
     # the stream is re-opened after this long without a byte, so a silently dead connection is noticed
     READ_TIMEOUT = 2.0
-    RECONNECT_DELAY = 0.1
+    RECONNECT_DELAY = 0.1  # between attempts while etcd is down; small, the caller waits on a deadline
 
     def __init__(self, endpoint: str, prefix: str, start_revision: int) -> None:
         self._endpoint = endpoint
         self._prefix = prefix
-        self._next = start_revision
+        if start_revision <= 0:
+            raise ValueError(f"etcd watch of {prefix!r}: start revision must be positive, got {start_revision}")
+        self._next = start_revision  # the caller's view: after the last event get() returned
+        self._resume = start_revision  # the reader thread's: after the last event it queued
+        self._sock_lock = threading.Lock()
+        self._sock: socket.socket | None = None
         self._queue: queue.Queue[list[Event] | WatchCompacted] = queue.Queue()
         self._closed = threading.Event()
-        self.reconnects = 0
+        self.reconnects = 0  # streams lost to errors (etcd restarted, connection reset), not idle re-opens
         self.connected = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"weft-etcd-watch-{prefix}")
         self._thread.start()
@@ -198,56 +212,66 @@ class EtcdWatcher(Watcher):
 
     def close(self) -> None:
         self._closed.set()
+        # wake the reader blocked in recv: shut its socket down (httpx's "network_stream" extension)
+        with self._sock_lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=self.READ_TIMEOUT + 1)
 
     def _run(self) -> None:
-        # the thread's own resume point: the revision after the last event it queued
-        resume = self._next
         timeout = httpx.Timeout(5.0, read=self.READ_TIMEOUT)
         with httpx.Client(base_url=self._endpoint, timeout=timeout) as client:
             while not self._closed.is_set():
                 try:
-                    resume = self._stream(client, resume)
-                    if resume < 0:
+                    if not self._stream(client):
                         return
-                except (httpx.TransportError, json.JSONDecodeError):
+                    # the server ended the stream (shutting down): reconnect like after an error
+                except httpx.ReadTimeout:
+                    continue  # idle: re-open from the same revision (and notice a close request)
+                except (httpx.TransportError, json.JSONDecodeError, _StreamError):
                     pass
                 self.connected.clear()
+                self.reconnects += 1
                 if self._closed.wait(self.RECONNECT_DELAY):
                     return
-                self.reconnects += 1
 
-    def _stream(self, client: httpx.Client, resume: int) -> int:
+    def _stream(self, client: httpx.Client) -> bool:
+        """Read one watch stream into the queue; False when the watch is over (closed, compacted).
+
+        ``self._resume`` (the revision after the last queued event) is updated as events are queued, so a
+        stream that breaks midway is re-opened exactly where it stopped.
+        """
         create: dict[str, Any] = {"key": _b64(self._prefix), "range_end": _b64(prefix_end(self._prefix)),
-                                  "progress_notify": True}
-        if resume:
-            create["start_revision"] = str(resume)
+                                  "start_revision": str(self._resume), "progress_notify": True}
         with client.stream("POST", "/v3/watch", json={"create_request": create}) as resp:
             if resp.status_code != 200:
-                return resume
+                raise _StreamError(f"watch: HTTP {resp.status_code}")
+            stream = resp.extensions.get("network_stream")
+            with self._sock_lock:
+                self._sock = stream.get_extra_info("socket") if stream is not None else None
+                if self._closed.is_set():
+                    return False
             for line in resp.iter_lines():
                 if self._closed.is_set():
-                    return -1
+                    return False
                 if not line.strip():
                     continue
                 msg = json.loads(line)
-                result: dict[str, Any] = msg.get("result", {})
                 if "error" in msg:
-                    return resume
+                    raise _StreamError(f"watch: {msg['error']}")  # e.g. no leader yet after a restart
+                result: dict[str, Any] = msg.get("result", {})
                 compact = int(result.get("compact_revision", 0))
                 if compact:
                     self._queue.put(WatchCompacted(compact))
-                    return -1
-                header_rev = int(result.get("header", {}).get("revision", 0))
+                    return False
                 if result.get("created"):
                     self.connected.set()
-                    if not resume:
-                        resume = header_rev + 1  # "from now" is pinned on first contact
                 events = [self._event(raw) for raw in result.get("events", [])]
                 if events:
-                    resume = events[-1].revision + 1
+                    self._resume = events[-1].revision + 1
                     self._queue.put(events)
-        return resume
+        return True
 
     @staticmethod
     def _event(raw: dict[str, Any]) -> Event:
