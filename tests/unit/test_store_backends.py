@@ -22,6 +22,7 @@ from weft.store.etcd import EtcdStore, EtcdWatcher
 from weft.store.etcdserver import EtcdServer
 from weft.store.kv import Event, Watcher
 from weft.store.records import Endpoint, Node
+from weft.store.session import Heartbeat, snapshot
 from weft.store.sqlite import SqliteStore
 
 from labutil import wait_until
@@ -294,6 +295,45 @@ def test_policies_roundtrip_and_reject_bad_names(store: Store, root: str) -> Non
     with pytest.raises(ValueError, match="policy name 'a/b'"):
         pols.put("a/b", doc)
     assert pols.delete("allow-dns") and pols.get("allow-dns") is None
+
+
+def test_heartbeat_keeps_the_node_and_registers_again_after_losing_its_lease(store: Store, root: str) -> None:
+    nodes = Nodes(store, Keys(root))
+    node = Node("n1", ("192.168.0.1",), ("10.1.0.0/24",))
+    leases: list[int] = []
+
+    def register(lease: int) -> None:
+        leases.append(lease)
+        nodes.register(node, lease)
+
+    beat = Heartbeat(store, ttl=1, on_lease=register)
+    first = beat.start()
+    try:
+        # alive well past its TTL (etcd raises 1 s to its 2 s minimum) because it is renewed
+        wait_until("eight renewals (2.7 s)", lambda: beat.renewals >= 8, timeout=15)
+        assert nodes.get("n1") == node
+        store.revoke_lease(first)  # what an outage longer than the TTL does
+        assert nodes.get("n1") is None
+        wait_until("the node to register again", lambda: nodes.get("n1") is not None, timeout=15)
+        assert len(leases) == 2 and leases[1] != first
+    finally:
+        beat.stop()
+    assert nodes.get("n1") is None  # a clean leave revokes the lease
+
+
+def test_snapshot_then_watch_resyncs_everything(store: Store, root: str) -> None:
+    keys = Keys(root)
+    Nodes(store, keys).register(Node("n1", ("fd00::1",), ("fd10::/64",)), 0)
+    ident = Identities(store, keys).allocate(["k8s:app=web"], node="n1")
+    Endpoints(store, keys).publish(Endpoint("fd10::5", ident, "n1", "default", "web-1"))
+    Policies(store, keys).put("p1", {"spec": {}})
+    state = snapshot(store, keys)
+    assert list(state.nodes) == ["n1"] and list(state.endpoints) == ["fd10::5"]
+    assert state.identities == {ident: ("k8s:app=web",)} and state.policies == {"p1": {"spec": {}}}
+    watcher = store.watch(root, state.revision + 1)
+    Endpoints(store, keys).withdraw("fd10::5")
+    assert [(e.type, e.key) for e in drain(watcher, 1)] == [(EventType.DELETE, root + "endpoints/fd10::5")]
+    watcher.close()
 
 
 def test_sqlite_is_shared_between_processes(tmp_path: Path) -> None:
