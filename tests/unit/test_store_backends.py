@@ -6,6 +6,7 @@ Tests on the shared etcd server keep to their own key root, so they stay indepen
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -13,10 +14,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from weft.store import Compare, Delete, EventType, LeaseNotFound, Put, Store, WatchCompacted
+from weft.store import Compare, Delete, EventType, LeaseNotFound, Put, Store, StoreUnavailable, WatchCompacted
 from weft.store.cluster import Endpoints, Identities, Keys, Nodes, Policies
 from weft.store.etcd import EtcdStore, EtcdWatcher
 from weft.store.etcdserver import EtcdServer
@@ -233,6 +235,66 @@ def test_concurrent_allocators_agree_and_never_share_ids(new_store: StoreFactory
         assert sorted(clients[0].references(ids_a[r])) == ["node0", "node1"]
 
 
+ALLOCATOR_PROCESS = """
+import json, sys
+from weft.store.cluster import Identities, Keys
+from weft.store.etcd import EtcdStore
+from weft.store.sqlite import SqliteStore
+kind, where, root, node, start_at = sys.argv[1:6]
+store = SqliteStore(where) if kind == "sqlite" else EtcdStore(where)
+ids = Identities(store, Keys(root))
+import time
+time.sleep(max(0.0, float(start_at) - time.time()))  # both processes start allocating at the same instant
+print(json.dumps([ids.allocate([f"k8s:app=p{i}"], node=node) for i in range(30)]))
+store.close()
+"""
+
+
+def test_allocating_processes_agree(new_store: StoreFactory, root: str) -> None:
+    """Two separate processes (separate SQLite connections / etcd clients) allocate the same 30 label
+    sets in the same order starting at the same instant: each label set gets one id, each id one set."""
+    store = new_store()
+    if isinstance(store, SqliteStore):
+        kind, where = "sqlite", store.path
+    else:
+        kind, where = "etcd", cast(EtcdStore, store).endpoint
+    start_at = str(time.time() + 1.5)  # time for both interpreters to start
+    procs = [subprocess.Popen([sys.executable, "-c", ALLOCATOR_PROCESS, kind, where, root, f"n{n}", start_at],
+                              stdout=subprocess.PIPE, text=True) for n in range(2)]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    first, second = (json.loads(out) for out in outputs)
+    assert first == second and len(set(first)) == 30
+    ids = Identities(store, Keys(root))
+    assert all(sorted(ids.references(i)) == ["n0", "n1"] for i in first)
+
+
+def test_gc_never_takes_an_identity_being_allocated(new_store: StoreFactory, root: str) -> None:
+    """An allocator re-taking an identity races a GC that sees it unreferenced: either the GC wins (and
+    the allocator makes a fresh mapping) or the reference lands first (and the GC leaves it); an
+    allocated id always maps back to its labels while the reference is held."""
+    allocator, collector = Identities(new_store(), Keys(root)), Identities(new_store(), Keys(root))
+    stop = threading.Event()
+    freed: list[int] = []
+
+    def gc_loop() -> None:
+        while not stop.is_set():
+            freed.extend(collector.collect_garbage())
+
+    gc = threading.Thread(target=gc_loop)
+    gc.start()
+    try:
+        for _ in range(60):
+            ident = allocator.allocate(["k8s:app=churn"], node="n1")
+            assert allocator.labels_of(ident) == ("k8s:app=churn",)
+            assert allocator.lookup(["k8s:app=churn"]) == ident
+            allocator.release(ident, "n1")
+    finally:
+        stop.set()
+        gc.join(timeout=30)
+    assert freed, "the collector never freed the released identity: the race was not exercised"
+
+
 def test_identity_gc_when_last_reference_goes(store: Store, root: str) -> None:
     ids = Identities(store, Keys(root))
     web = ids.allocate(["k8s:app=web"], node="n1")
@@ -364,7 +426,11 @@ def test_etcd_restart_mid_watch_loses_no_event(root: str) -> None:
         store.put(root + "before", b"1")
         assert [e.key for e in drain(watcher, 1)] == [root + "before"]
 
-        server.restart()
+        server.stop()
+        with pytest.raises(StoreUnavailable):  # the outage is reported, not hidden
+            store.put(root + "during", b"")
+        wait_until("the watcher to notice the outage", lambda: not watcher.connected.is_set())
+        server.start()
         # writes right after the restart, while the watcher may still be reconnecting
         for i in range(5):
             store.put(f"{root}after/{i}", str(i).encode())
