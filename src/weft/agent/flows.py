@@ -21,6 +21,8 @@ import json
 import logging
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,59 @@ from weft.observe import flow as flows
 from weft.observe.config import FlowSettings
 from weft.observe.filters import FilterError, Filters
 from weft.observe.flowlog import FlowLog
-from weft.observe.ring import FlowRing
+from weft.observe.ring import FlowRing, ReadResult
 
 log = logging.getLogger("weft.agent.flows")
 POLL_MS = 100
 LOST_CHECK_S = 0.25
 MAX_PAGE = 10000  # flows in one flows.get answer; a follower gets the rest on its next call
+
+
+SUBSCRIPTION_CAPACITY = 1 << 16  # flows a follower may fall behind before it is told of a loss
+SUBSCRIPTION_IDLE_S = 30.0  # a follower that stops asking for this long is dropped
+
+
+class Subscription:
+    """A follower's own queue: the flows its filter keeps, pushed as they are published, so a
+    follower's pace is bounded by this queue (65,536 flows), not by the node's flow ring. What
+    overflows is counted and handed to the follower as a lost-events notice."""
+
+    def __init__(self, keep: Callable[[dict[str, Any]], bool], capacity: int = SUBSCRIPTION_CAPACITY) -> None:
+        self.keep = keep
+        self.capacity = capacity
+        self.items: deque[dict[str, Any]] = deque()
+        self.lost = 0
+        self.closed = False
+        self.last_poll = time.monotonic()
+        self._ready = threading.Condition()
+
+    def offer(self, responses: list[dict[str, Any]]) -> None:
+        kept = [r for r in responses if self.keep(r)]
+        if not kept:
+            return
+        with self._ready:
+            room = self.capacity - len(self.items)
+            if room < len(kept):
+                self.lost += len(kept) - max(room, 0)
+                kept = kept[:max(room, 0)]
+            self.items.extend(kept)
+            self._ready.notify_all()
+
+    def poll(self, max_items: int, timeout: float = 0.0) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``max_items`` queued flows (waiting up to ``timeout`` for the first) and the
+        number lost since the last poll."""
+        with self._ready:
+            self.last_poll = time.monotonic()
+            if not self.items and timeout > 0 and not self.closed:
+                self._ready.wait(timeout)
+            out = [self.items.popleft() for _ in range(min(max_items, len(self.items)))]
+            lost, self.lost = self.lost, 0
+            return out, lost
+
+    def close(self) -> None:
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
 
 
 def wall_offset_ns() -> int:
@@ -63,6 +112,10 @@ class FlowObserver:
         self._batch: list[bytes] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Followers' queues; the lock also makes "read the ring, then subscribe" atomic with
+        # publishing, so a new follower sees each flow once (from the ring or from its queue).
+        self._subscriptions: dict[str, Subscription] = {}
+        self._publish_lock = threading.Lock()
         self._ring: libbpf.RingBuffer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,7 +185,10 @@ class FlowObserver:
     def _publish(self, responses: list[dict[str, Any]]) -> None:
         if not responses:
             return
-        self.ring.extend(responses)
+        with self._publish_lock:
+            self.ring.extend(responses)
+            for sub in self._subscriptions.values():
+                sub.offer(responses)
         if self.on_publish is not None:
             self.on_publish(responses)
         if self.flow_log is not None:
@@ -170,14 +226,26 @@ class FlowObserver:
     def get(self, p: dict[str, Any]) -> dict[str, Any]:
         """``flows.get``: params ``filters`` ({include, exclude}), ``after`` (a cursor from an
         earlier answer: only what came since, for --follow), ``first``/``last``/``all``,
-        ``since``/``until`` (RFC 3339). Answers ``{"responses", "cursor", "node"}``; lost
-        events (kernel ring, this agent, the follower's own gap) are among the responses."""
+        ``since``/``until`` (RFC 3339), ``subscribe`` (also open a follower queue: its id comes
+        back as ``subscription``), ``subscription`` (poll that queue). Answers ``{"responses", "cursor", "node"}``; lost events (kernel
+        ring, this agent, the follower's own gap) are among the responses."""
         try:
             filters = Filters.from_json(p.get("filters"))
             since = flows.parse_time(str(p["since"])) if p.get("since") else None
             until = flows.parse_time(str(p["until"])) if p.get("until") else None
         except (FilterError, ValueError) as exc:
             raise AgentError(BAD_REQUEST, str(exc)) from exc
+        sub_id = p.get("subscription")
+        if sub_id is not None:
+            sub = self._subscriptions.get(str(sub_id))
+            if sub is None:
+                raise AgentError(BAD_REQUEST, f"no subscription {sub_id!r} (expired after {SUBSCRIPTION_IDLE_S:g}s "
+                                              "without a poll, or the agent restarted): follow again")
+            # Never waits: this runs on the agent's one worker, which CNI requests need too.
+            items, lost = sub.poll(MAX_PAGE)
+            if lost:
+                items.insert(0, flows.lost_response(flows.LOST_FLOW_RING, lost, self.node_name, time.time_ns()))
+            return {"responses": items, "subscription": sub_id, "node": self.node_name}
         after = p.get("after")
         first = _count(p, "first")
         last = _count(p, "last")
@@ -192,13 +260,44 @@ class FlowObserver:
                 if (since is not None and when < since) or (until is not None and when > until):
                     return False
                 return filters.keep(item)
-        result = self.ring.read(after=int(after) if after is not None else None, keep=keep, first=first,
-                                last=last)
+        def read() -> ReadResult:
+            return self.ring.read(after=int(after) if after is not None else None, keep=keep, first=first,
+                                  last=last)
+
+        answer: dict[str, Any] = {"node": self.node_name}
+        if p.get("subscribe"):
+            # --follow: what the ring holds now, then a queue of what comes after.
+            answer["subscription"], _, result = self.subscribe(keep, read)
+        else:
+            result = read()
         responses = list(result.items)
         if result.missed:
             responses.insert(0, flows.lost_response(flows.LOST_FLOW_RING, result.missed, self.node_name,
                                                     time.time_ns()))
-        return {"responses": responses, "cursor": result.cursor, "node": self.node_name}
+        answer.update(responses=responses, cursor=result.cursor)
+        return answer
+
+    def subscribe(self, keep: Callable[[dict[str, Any]], bool],
+                  read_first: Callable[[], Any] | None = None) -> tuple[str, Subscription, Any]:
+        """A follower's queue of the flows ``keep`` accepts from now on; ``read_first`` (e.g. the
+        ring's last N) runs atomically with the subscription. (id, subscription, its result)."""
+        sub = Subscription(keep)
+        sub_id = uuid.uuid4().hex
+        with self._publish_lock:
+            first = read_first() if read_first is not None else None
+            now = time.monotonic()
+            for old_id, old in list(self._subscriptions.items()):
+                if old.closed or now - old.last_poll > SUBSCRIPTION_IDLE_S:
+                    old.close()
+                    del self._subscriptions[old_id]
+            self._subscriptions[sub_id] = sub
+        return sub_id, sub, first
+
+    def unsubscribe(self, sub_id: str) -> None:
+        with self._publish_lock:
+            sub = self._subscriptions.pop(sub_id, None)
+        if sub is not None:
+            sub.close()
 
     def status(self) -> dict[str, Any]:
         return {
