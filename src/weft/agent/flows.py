@@ -227,8 +227,9 @@ class FlowObserver:
         """``flows.get``: params ``filters`` ({include, exclude}), ``after`` (a cursor from an
         earlier answer: only what came since, for --follow), ``first``/``last``/``all``,
         ``since``/``until`` (RFC 3339), ``subscribe`` (also open a follower queue: its id comes
-        back as ``subscription``), ``subscription`` (poll that queue). Answers ``{"responses", "cursor", "node"}``; lost events (kernel
-        ring, this agent, the follower's own gap) are among the responses."""
+        back as ``subscription``), ``subscription`` (poll that queue). Answers ``{"responses",
+        "cursor", "node"}``; lost events (kernel ring, this agent, the follower's own gap) are
+        among the responses."""
         try:
             filters = Filters.from_json(p.get("filters"))
             since = flows.parse_time(str(p["since"])) if p.get("since") else None
