@@ -8,7 +8,7 @@ SYSPY := /usr/bin/python3
 APT_PACKAGES := dnsmasq-base dnsperf dnsutils clang llvm libbpf-dev libbpf1 bpftool gcc-multilib linux-libc-dev iproute2 iperf3 \
 	iputils-ping python3-venv python3-dev containernetworking-plugins podman runc catatonit \
 	busybox-static containerd procps psmisc util-linux iptables nftables prometheus \
-	etcd-server etcd-client
+	etcd-server etcd-client chromium fonts-dejavu-core
 BPF_SRC := $(wildcard bpf/*.c)
 BPF_OBJ := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRC))
 BPF_HDR := $(wildcard bpf/include/shared/*.h bpf/lib/*.h)

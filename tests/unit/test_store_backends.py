@@ -414,9 +414,9 @@ def test_sqlite_is_shared_between_processes(tmp_path: Path) -> None:
 
 def test_etcd_restart_mid_watch_loses_no_event(root: str) -> None:
     server = EtcdServer(name=f"wsr-{secrets.token_hex(3)}")
+    store = EtcdStore(server.endpoint)
     try:
         server.start()
-        store = EtcdStore(server.endpoint)
         nodes = Nodes(store, Keys(root))
         lease = store.grant_lease(60)
         nodes.register(Node("n1", ("192.168.0.1",), ("10.1.0.0/24",)), lease)
@@ -441,6 +441,6 @@ def test_etcd_restart_mid_watch_loses_no_event(root: str) -> None:
         # the agent's resync after a reconnect: its node and lease survived (persisted), state re-listed
         store.keepalive(lease)
         assert [n.name for n in nodes.list()[0]] == ["n1"]
-        store.close()
     finally:
+        store.close()
         server.stop(cleanup=True)

@@ -166,6 +166,9 @@ class Identities:
     def allocate(self, labels: Iterable[Label | str], node: str, lease: int = 0) -> int:
         """The identity of ``labels``, taking (or keeping) a reference for ``node``.
 
+        A node holds one reference per identity however many of its endpoints use it (the agent counts
+        its own users and releases when the last goes).
+
         First the existing id for the labels (the reference is added only if both mapping keys still
         agree, so a concurrent GC cannot strand it); else the lowest free id, claimed with a txn that
         creates both mapping keys only if neither exists. Losing a race just retries with fresh reads.

@@ -215,8 +215,8 @@ class SqliteStore(Store):
             try:
                 self._expire_leases()
                 self._trim_history()
-            except sqlite3.Error:
-                continue  # busy or closing: the next sweep retries
+            except (sqlite3.Error, StoreError):
+                continue  # busy, or closing under us: the next sweep retries (or the loop ends)
 
     def _trim_history(self) -> None:
         with self._lock:
