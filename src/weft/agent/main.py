@@ -18,6 +18,7 @@ from weft.agent.endpoints import EndpointManager
 from weft.agent.metrics import MetricsServer
 from weft.agent.server import ApiServer
 from weft.datapath.loader import NodeDatapath, default_object_path
+from weft.hubble import server as hubble
 
 log = logging.getLogger("weft.agent")
 
@@ -95,6 +96,16 @@ async def run(config: NodeConfig) -> None:
             # Metrics are an observer: a taken port must not keep the node's network down.
             log.error("metrics not served on %s: %s", config.metrics_address, exc)
 
+    hubble_address = f"unix://{hubble.hubble_socket(config.socket_path)}"
+    observer = None
+    try:
+        observer = await hubble.serve(hubble.NodeObserver(config.node_name, manager.flows.ring, hubble_address),
+                                      [hubble_address])
+        log.info("Hubble Observer on %s", hubble_address)
+    except OSError as exc:
+        # An observer too: flows are still served over the agent socket.
+        log.error("Hubble Observer not served on %s: %s", hubble_address, exc)
+
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -120,6 +131,8 @@ async def run(config: NodeConfig) -> None:
     for task in tasks:
         task.cancel()
     await server.close()
+    if observer is not None:
+        await observer.stop(grace=1.0)
     metrics.stop()
     worker.shutdown(wait=True)
     manager.flows.stop()

@@ -1,0 +1,286 @@
+"""weft's flow dicts <-> Hubble's protobuf messages, and Hubble FlowFilters <-> weft filters.
+
+weft's flows already have the shape protojson gives Hubble's messages (proto field names), so a
+dict parses into ``flow.Flow`` field by field; keys weft adds that Hubble's messages lack are
+skipped. FlowFilter: a Hubble filter is one weft :class:`FlowFilter` of source-/destination-side
+fields; weft's either-side fields (``--pod``, ``--ip``...) become one Hubble filter per choice of
+sides, OR'ed, as Hubble filters cannot say "source or destination". A Hubble filter field weft
+cannot apply is refused by name (:class:`UnsupportedFilter`), never ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from google.protobuf import json_format
+
+from weft.hubble.proto import flow_pb2, observer_pb2
+from weft.observe.filters import FilterError, Filters, FlowFilter
+from weft.observe.flow import EVENT_TYPE_NAMES, OBSERVATION_POINTS, parse_time
+
+Response = dict[str, Any]
+
+
+class UnsupportedFilter(ValueError):
+    """A Hubble FlowFilter field (or value) weft's filters cannot apply."""
+
+
+# ---------------------------------------------------------------------- flows
+def response_to_message(response: Mapping[str, Any]) -> Any:
+    """A GetFlowsResponse-shaped dict (``flow`` or ``lost_events``, ``node_name``, ``time``) ->
+    ``observer.GetFlowsResponse``."""
+    message = observer_pb2.GetFlowsResponse()
+    json_format.ParseDict(dict(response), message, ignore_unknown_fields=True)
+    return message
+
+
+def flow_to_message(flow: Mapping[str, Any]) -> Any:
+    message = flow_pb2.Flow()
+    json_format.ParseDict(dict(flow), message, ignore_unknown_fields=True)
+    return message
+
+
+def message_to_response(message: Any) -> Response:
+    """``observer.GetFlowsResponse`` -> weft's dict (as the agent keeps it: counts are ints)."""
+    out: Response = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    lost = out.get("lost_events")
+    if lost is not None and "num_events_lost" in lost:
+        lost["num_events_lost"] = int(lost["num_events_lost"])  # protojson writes uint64 as a string
+    return out
+
+
+def message_to_flow(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return out
+
+
+def response_time_ns(response: Mapping[str, Any]) -> int:
+    """When a response dict was observed (0 if it does not say): the relay's merge key."""
+    try:
+        return parse_time(str(response.get("time", "")))
+    except ValueError:
+        return 0
+
+
+def message_time_ns(message: Any) -> int:
+    return int(message.time.ToNanoseconds()) if message.HasField("time") else 0
+
+
+# ---------------------------------------------------------------------- filters
+# Hubble field -> the weft FlowFilter field it maps to, for plain string lists.
+_STRING_FIELDS = {
+    "source_ip": "from_ip", "destination_ip": "to_ip",
+    "source_pod": "from_pod", "destination_pod": "to_pod",
+    "source_fqdn": "from_fqdn", "destination_fqdn": "to_fqdn",
+    "source_label": "from_label", "destination_label": "to_label",
+    "source_port": "from_port", "destination_port": "to_port",
+    "protocol": "protocol", "node_name": "node_name",
+}
+_HANDLED = {*_STRING_FIELDS, "verdict", "drop_reason_desc", "traffic_direction", "event_type",
+            "source_identity", "destination_identity"}
+_EVENT_TYPE_BY_NUMBER = {number: name for name, number in EVENT_TYPE_NAMES.items()}
+_SUBTYPE_BY_NUMBER = {number: name for _point, (number, name) in OBSERVATION_POINTS.items()}
+
+
+@dataclass(frozen=True)
+class FilterLists:
+    """GetFlowsRequest's whitelist and blacklist as weft filters: a flow passes when the
+    whitelist is empty or one of its filters matches, and no blacklist filter matches.
+    Lost-event notices always pass."""
+
+    allow: tuple[FlowFilter, ...] = ()
+    deny: tuple[FlowFilter, ...] = field(default_factory=tuple)
+
+    def keep(self, response: Mapping[str, Any]) -> bool:
+        flow = response.get("flow")
+        if flow is None:
+            return True
+        if self.allow and not any(f.matches(flow) for f in self.allow):
+            return False
+        return not any(f.matches(flow) for f in self.deny)
+
+
+def filter_from_message(message: Any, where: str = "filter") -> FlowFilter:
+    """One ``flow.FlowFilter`` -> a weft FlowFilter; :class:`UnsupportedFilter` names a field weft
+    cannot apply, :class:`weft.observe.filters.FilterError` a value that means nothing."""
+    for descriptor, _value in message.ListFields():
+        if descriptor.name not in _HANDLED:
+            raise UnsupportedFilter(f"{where}: FlowFilter field {descriptor.name!r} is not supported by weft; "
+                                    f"supported: {', '.join(sorted(_HANDLED))}")
+    values: dict[str, tuple[str, ...]] = {}
+    for hubble_name, weft_name in _STRING_FIELDS.items():
+        items = tuple(str(v) for v in getattr(message, hubble_name))
+        if items:
+            values[weft_name] = values.get(weft_name, ()) + items
+    if message.verdict:
+        values["verdict"] = tuple(flow_pb2.Verdict.Name(v) for v in message.verdict)
+    if message.drop_reason_desc:
+        values["drop_reason_desc"] = tuple(flow_pb2.DropReason.Name(v) for v in message.drop_reason_desc)
+    if message.traffic_direction:
+        directions = []
+        for v in message.traffic_direction:
+            if v == flow_pb2.TRAFFIC_DIRECTION_UNKNOWN:
+                raise UnsupportedFilter(f"{where}: traffic_direction TRAFFIC_DIRECTION_UNKNOWN matches no weft flow")
+            directions.append(flow_pb2.TrafficDirection.Name(v).lower())
+        values["traffic_direction"] = tuple(directions)
+    if message.event_type:
+        values["type"] = tuple(_event_type_name(e, where) for e in message.event_type)
+    if message.source_identity or message.destination_identity:
+        if message.source_identity and message.destination_identity:
+            # weft's identity filter is either-side only: both sides at once cannot be expressed.
+            raise UnsupportedFilter(f"{where}: source_identity together with destination_identity is not "
+                                    "supported by weft (use two filters)")
+        # weft's --identity matches either side; narrowed to one side by _SideIdentity below.
+        values["identity"] = tuple(str(v) for v in (message.source_identity or message.destination_identity))
+    made = FlowFilter(**values)
+    made.validate()
+    if message.source_identity:
+        return _SideIdentity(**_as_kwargs(made), side="source")
+    if message.destination_identity:
+        return _SideIdentity(**_as_kwargs(made), side="destination")
+    return made
+
+
+@dataclass(frozen=True)
+class _SideIdentity(FlowFilter):
+    """A FlowFilter whose identity values apply to one side only (Hubble's source_identity /
+    destination_identity; weft's own --identity matches either side)."""
+
+    side: str = "source"
+
+    def matches(self, flow: Mapping[str, Any]) -> bool:
+        endpoint = flow.get(self.side) or {}
+        if str(endpoint.get("identity", "")) not in self.identity:
+            return False
+        others = {f.name: getattr(self, f.name) for f in fields(FlowFilter) if f.name != "identity"}
+        return FlowFilter(**others).matches(flow)
+
+
+def _as_kwargs(made: FlowFilter) -> dict[str, tuple[str, ...]]:
+    return {f.name: getattr(made, f.name) for f in fields(FlowFilter)}
+
+
+def _event_type_name(message: Any, where: str) -> str:
+    name = _EVENT_TYPE_BY_NUMBER.get(int(message.type))
+    if name is None:
+        raise UnsupportedFilter(f"{where}: event_type {message.type} is not one weft produces; "
+                                + ", ".join(f"{n}={t}" for n, t in EVENT_TYPE_NAMES.items()))
+    if not message.match_sub_type:
+        return name
+    sub = _SUBTYPE_BY_NUMBER.get(int(message.sub_type)) if name == "trace" else None
+    if sub is None:
+        raise UnsupportedFilter(f"{where}: event_type {message.type} sub_type {message.sub_type} is not one weft "
+                                "produces; trace sub-types: "
+                                + ", ".join(f"{n}={s}" for s, n in _SUBTYPE_BY_NUMBER.items()))
+    return f"{name}:{sub}"
+
+
+def lists_from_request(request: Any) -> FilterLists:
+    """A GetFlowsRequest's whitelist/blacklist -> weft filters (errors name the list and index)."""
+    try:
+        allow = tuple(filter_from_message(m, f"whitelist[{i}]") for i, m in enumerate(request.whitelist))
+        deny = tuple(filter_from_message(m, f"blacklist[{i}]") for i, m in enumerate(request.blacklist))
+    except FilterError as exc:
+        raise UnsupportedFilter(str(exc)) from exc
+    return FilterLists(allow, deny)
+
+
+# weft's either-side fields -> (source-side Hubble field, destination-side Hubble field).
+_EITHER_SIDE = {
+    "pod": ("source_pod", "destination_pod"), "namespace": ("source_pod", "destination_pod"),
+    "label": ("source_label", "destination_label"), "ip": ("source_ip", "destination_ip"),
+    "fqdn": ("source_fqdn", "destination_fqdn"), "port": ("source_port", "destination_port"),
+    "identity": ("source_identity", "destination_identity"),
+}
+_ONE_SIDE = {
+    "from_pod": "source_pod", "to_pod": "destination_pod", "from_namespace": "source_pod",
+    "to_namespace": "destination_pod", "from_label": "source_label", "to_label": "destination_label",
+    "from_ip": "source_ip", "to_ip": "destination_ip", "from_fqdn": "source_fqdn", "to_fqdn": "destination_fqdn",
+    "from_port": "source_port", "to_port": "destination_port", "protocol": "protocol", "node_name": "node_name",
+}
+
+
+def filter_to_messages(weft: FlowFilter) -> list[Any]:
+    """One weft FlowFilter -> the Hubble FlowFilters whose OR means the same (empty list for an
+    empty filter). Namespaces become pod filters ``ns/`` as ``hubble observe --namespace`` sends."""
+    if weft.empty():
+        return []
+    base: dict[str, list[Any]] = {}
+
+    def add(name: str, items: Iterable[Any]) -> None:
+        base.setdefault(name, []).extend(items)
+
+    for name, hubble in _ONE_SIDE.items():
+        values = getattr(weft, name)
+        if values:
+            add(hubble, [f"{v}/" for v in values] if name.endswith("namespace") else values)
+    if weft.verdict:
+        add("verdict", [flow_pb2.Verdict.Value(v.upper()) for v in weft.verdict])
+    if weft.drop_reason_desc:
+        reasons = []
+        for v in weft.drop_reason_desc:
+            try:
+                reasons.append(flow_pb2.DropReason.Value(v.upper()))
+            except ValueError:
+                raise FilterError(f"--drop-reason-desc {v!r} is not a drop reason weft reports; valid: "
+                                  + ", ".join(flow_pb2.DropReason.keys())) from None
+        add("drop_reason_desc", reasons)
+    if weft.traffic_direction:
+        add("traffic_direction", [flow_pb2.TrafficDirection.Value(v.upper()) for v in weft.traffic_direction])
+    if weft.type:
+        add("event_type", [_event_type_message(v) for v in weft.type])
+    # Either-side fields: every combination of sides, so the OR of the filters is weft's AND of ORs.
+    either = [(name, getattr(weft, name)) for name in _EITHER_SIDE if getattr(weft, name)]
+    out = []
+    for sides in itertools.product((0, 1), repeat=len(either)):
+        chosen = {k: list(v) for k, v in base.items()}
+        for (name, values), side in zip(either, sides, strict=True):
+            items: list[Any] = [f"{v}/" for v in values] if name == "namespace" else list(values)
+            if name == "identity":
+                items = [int(v) for v in values]
+            chosen.setdefault(_EITHER_SIDE[name][side], []).extend(items)
+        message = flow_pb2.FlowFilter()
+        for key, items in chosen.items():
+            if key == "event_type":
+                message.event_type.extend(items)
+            else:
+                getattr(message, key).extend(items)
+        out.append(message)
+    return out
+
+
+def _event_type_message(value: str) -> Any:
+    kind, _, sub = value.lower().partition(":")
+    message = flow_pb2.EventTypeFilter(type=EVENT_TYPE_NAMES[kind])
+    if sub:
+        point = {name: number for _p, (number, name) in OBSERVATION_POINTS.items()}[sub]
+        message.match_sub_type = True
+        message.sub_type = point
+    return message
+
+
+def filters_to_lists(filters: Filters) -> tuple[list[Any], list[Any]]:
+    """weft's include/exclude filters -> GetFlowsRequest's (whitelist, blacklist)."""
+    return filter_to_messages(filters.include), filter_to_messages(filters.exclude)
+
+
+def request(filters: Filters, *, number: int = 0, first: bool = False, follow: bool = False,
+            since: str | None = None, until: str | None = None) -> Any:
+    """A GetFlowsRequest as ``weft observe`` sends it."""
+    whitelist, blacklist = filters_to_lists(filters)
+    message = observer_pb2.GetFlowsRequest(number=number, first=first, follow=follow)
+    message.whitelist.extend(whitelist)
+    message.blacklist.extend(blacklist)
+    if since:
+        message.since.FromNanoseconds(parse_time(since))
+    if until:
+        message.until.FromNanoseconds(parse_time(until))
+    return message
+
+
+def merge_sorted(batches: Sequence[Sequence[Response]]) -> list[Response]:
+    """Responses of several nodes, oldest first (stable: one node's order is kept on ties)."""
+    return sorted((r for batch in batches for r in batch), key=response_time_ns)

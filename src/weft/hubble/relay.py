@@ -1,0 +1,166 @@
+"""``weft relay``: one Observer for the whole lab, as Hubble Relay. It connects to every node's
+Observer and serves the same service (on 127.0.0.1:4245 by default, loopback only).
+
+GetFlows without follow asks every node with the same request, sorts what came back by time and
+keeps the first/last ``number``; with follow it streams each node's responses as they arrive.
+A node that cannot be reached is reported (a ``node_status`` NODE_UNAVAILABLE event in GetFlows,
+its state in GetNodes, counted in ServerStatus), never waited for. ``recent_flows`` and
+``node_names`` are for in-process callers (the web UI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from weft.hubble import convert
+from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
+from weft.hubble.server import VERSION, window
+
+DEFAULT_ADDRESS = "127.0.0.1:4245"
+CALL_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    address: str  # gRPC target: unix:///run/weft/labs/L/n1/hubble.sock
+
+
+class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = peers
+        self.started_ns = time.monotonic_ns()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, peer: Peer) -> Any:
+        channel = self._channels.get(peer.name)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(peer.address)
+            self._channels[peer.name] = channel
+        return observer_grpc.ObserverStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def _collect(self, peer: Peer, request: Any) -> list[Any]:
+        return [r async for r in self._stub(peer).GetFlows(request, timeout=CALL_TIMEOUT_S)]
+
+    async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            window(request)  # refuse what a node would refuse, once, with the same message
+        except (convert.UnsupportedFilter, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        if request.follow:
+            async for response in self._follow(request):
+                yield response
+            return
+        results = await asyncio.gather(*(self._collect(p, request) for p in self.peers), return_exceptions=True)
+        merged: list[Any] = []
+        unavailable: list[str] = []
+        for peer, result in zip(self.peers, results, strict=True):
+            if isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{peer.name}: {result.details()}")
+                return
+            if isinstance(result, BaseException):
+                unavailable.append(peer.name)
+                continue
+            merged.extend(result)
+        if unavailable:
+            yield _node_status(unavailable, "unreachable")
+        merged.sort(key=convert.message_time_ns)  # stable: each node's own order is kept on ties
+        number = int(request.number)
+        if number:
+            merged = merged[:number] if request.first else merged[-number:]
+        for response in merged:
+            yield response
+
+    async def _follow(self, request: Any) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+
+        async def pump(peer: Peer) -> None:
+            try:
+                async for response in self._stub(peer).GetFlows(request):
+                    await queue.put(response)
+            except grpc.aio.AioRpcError as exc:
+                await queue.put(_node_status([peer.name], exc.details() or str(exc.code())))
+
+        tasks = [asyncio.create_task(pump(p)) for p in self.peers]
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _statuses(self) -> list[tuple[Peer, Any | None]]:
+        async def one(peer: Peer) -> Any | None:
+            try:
+                return await self._stub(peer).ServerStatus(observer_pb2.ServerStatusRequest(), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return None
+        results = await asyncio.gather(*(one(p) for p in self.peers))
+        return list(zip(self.peers, results, strict=True))
+
+    async def ServerStatus(self, request: Any, context: Any) -> Any:
+        statuses = await self._statuses()
+        up = [s for _p, s in statuses if s is not None]
+        down = [p.name for p, s in statuses if s is None]
+        response = observer_pb2.ServerStatusResponse(
+            num_flows=sum(s.num_flows for s in up), max_flows=sum(s.max_flows for s in up),
+            seen_flows=sum(s.seen_flows for s in up),
+            uptime_ns=max([s.uptime_ns for s in up], default=time.monotonic_ns() - self.started_ns),
+            unavailable_nodes=down, version=VERSION)
+        response.num_connected_nodes.value = len(up)
+        response.num_unavailable_nodes.value = len(down)
+        return response
+
+    async def GetNodes(self, request: Any, context: Any) -> Any:
+        nodes = []
+        for peer, status in await self._statuses():
+            node = observer_pb2.Node(name=peer.name, address=peer.address,
+                                     state=relay_pb2.NODE_CONNECTED if status else relay_pb2.NODE_UNAVAILABLE)
+            if status is not None:
+                node.version = status.version
+                node.uptime_ns = status.uptime_ns
+                node.num_flows = status.num_flows
+                node.max_flows = status.max_flows
+                node.seen_flows = status.seen_flows
+            nodes.append(node)
+        return observer_pb2.GetNodesResponse(nodes=nodes)
+
+    # ------------------------------------------------------------------ in-process API (web UI)
+    async def recent_flows(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` flows of every reachable node, merged, oldest first, as weft's
+        Hubble-shaped flow dicts (lost-event notices left out)."""
+        if limit <= 0:
+            return []
+        request = observer_pb2.GetFlowsRequest(number=limit)
+        results = await asyncio.gather(*(self._collect(p, request) for p in self.peers), return_exceptions=True)
+        merged = [r for result in results if not isinstance(result, BaseException) for r in result
+                  if r.HasField("flow")]
+        merged.sort(key=convert.message_time_ns)
+        return [convert.message_to_flow(r.flow) for r in merged[-limit:]]
+
+    async def node_names(self) -> list[str]:
+        return [p.name for p in self.peers]
+
+
+def _node_status(names: list[str], message: str) -> Any:
+    response = observer_pb2.GetFlowsResponse(
+        node_status=relay_pb2.NodeStatusEvent(state_change=relay_pb2.NODE_UNAVAILABLE, node_names=names,
+                                              message=message))
+    response.time.FromNanoseconds(time.time_ns())
+    return response

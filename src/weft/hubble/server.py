@@ -1,0 +1,123 @@
+"""A node's Observer service (Hubble's GetFlows, GetNodes, ServerStatus) over its flow ring,
+served with grpc.aio on the agent's event loop: on a unix socket next to the agent's
+(``hubble.sock``, as Cilium's), optionally on TCP too.
+
+GetFlows: ``number`` last (or ``first``) flows, everything held for 0; ``since``/``until``
+bound by time; ``follow`` keeps streaming what the ring gets (polled: the ring has no
+notifications), a follower that fell behind the ring gets a ``HUBBLE_RING_BUFFER`` lost event.
+Filters the request cannot express in weft are refused with INVALID_ARGUMENT naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from weft.hubble import convert
+from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
+from weft.observe import flow as flows
+from weft.observe.ring import FlowRing
+
+FOLLOW_POLL_S = 0.1
+VERSION = f"weft {importlib.metadata.version('weft')}"
+
+
+def hubble_socket(agent_socket: Path) -> Path:
+    """Where a node's Observer listens: next to its agent socket."""
+    return agent_socket.parent / "hubble.sock"
+
+
+@dataclass
+class Window:
+    """What a GetFlowsRequest asks of the history held."""
+
+    keep: Callable[[dict[str, Any]], bool]
+    first: int | None
+    last: int | None
+
+
+def window(request: Any) -> Window:
+    """A GetFlowsRequest -> what to read; raises UnsupportedFilter / ValueError on bad input."""
+    lists = convert.lists_from_request(request)
+    since = int(request.since.ToNanoseconds()) if request.HasField("since") else None
+    until = int(request.until.ToNanoseconds()) if request.HasField("until") else None
+
+    def keep(item: dict[str, Any]) -> bool:
+        if since is not None or until is not None:
+            when = convert.response_time_ns(item)
+            if (since is not None and when < since) or (until is not None and when > until):
+                return False
+        return lists.keep(item)
+
+    number = int(request.number)
+    if number == 0:
+        # Hubble: no number with --follow means only new flows; without, everything held.
+        has_time = since is not None or until is not None
+        return Window(keep, None, 0 if request.follow and not has_time else None)
+    return Window(keep, number if request.first else None, None if request.first else number)
+
+
+class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
+    def __init__(self, node_name: str, ring: FlowRing, address: str = "") -> None:
+        self.node_name = node_name
+        self.ring = ring
+        self.address = address
+        self.started_ns = time.monotonic_ns()
+
+    async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            win = window(request)
+        except (convert.UnsupportedFilter, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        result = self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
+        for item in result.items:
+            yield convert.response_to_message(item)
+        if not request.follow:
+            return
+        cursor = result.cursor
+        while True:
+            await asyncio.sleep(FOLLOW_POLL_S)
+            news = self.ring.read(after=cursor, keep=win.keep)
+            cursor = news.cursor
+            if news.missed:
+                yield convert.response_to_message(flows.lost_response(
+                    flows.LOST_FLOW_RING, news.missed, self.node_name, time.time_ns()))
+            for item in news.items:
+                yield convert.response_to_message(item)
+
+    def status(self) -> Any:
+        return observer_pb2.ServerStatusResponse(
+            num_flows=len(self.ring), max_flows=self.ring.capacity, seen_flows=self.ring.total,
+            uptime_ns=time.monotonic_ns() - self.started_ns, version=VERSION)
+
+    async def ServerStatus(self, request: Any, context: Any) -> Any:
+        return self.status()
+
+    async def GetNodes(self, request: Any, context: Any) -> Any:
+        status = self.status()
+        node = observer_pb2.Node(name=self.node_name, version=VERSION, address=self.address,
+                                 state=relay_pb2.NODE_CONNECTED, uptime_ns=status.uptime_ns,
+                                 num_flows=status.num_flows, max_flows=status.max_flows,
+                                 seen_flows=status.seen_flows)
+        return observer_pb2.GetNodesResponse(nodes=[node])
+
+
+async def serve(servicer: Any, addresses: list[str]) -> grpc.aio.Server:
+    """Start a grpc.aio server for ``servicer`` on every address (``unix:///path``, ``host:port``)."""
+    server = grpc.aio.server()
+    observer_grpc.add_ObserverServicer_to_server(servicer, server)
+    for address in addresses:
+        if address.startswith("unix://"):
+            Path(address.removeprefix("unix://")).unlink(missing_ok=True)
+        if server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server
