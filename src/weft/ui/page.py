@@ -65,16 +65,18 @@ function geometry(a, b, offset) {
     const x = a.x + a.w, y = a.y + a.h / 2;
     const o = offset;
     return {d: `M${x},${y - 8 + o} C${x + 70},${y - 40 + o} ${x + 70},${y + 40 + o} ${x},${y + 8 + o}`,
-            mx: x + 55, my: y + offset};
+            mx: x + 62, my: y + offset + 4, anchor: "start"};
   }
   if (Math.abs(a.x - b.x) < 1) {
     const x = a.x + a.w, bend = x + 40 + Math.abs(by - ay) / 4;
-    return {d: `M${x},${ay} C${bend},${ay} ${bend},${by} ${x},${by}`, mx: bend - 10, my: (ay + by) / 2};
+    return {d: `M${x},${ay} C${bend},${ay} ${bend},${by} ${x},${by}`,
+            mx: bend - 6, my: (ay + by) / 2 + 4, anchor: "start"};
   }
   const forward = b.x > a.x;
   const x1 = forward ? a.x + a.w : a.x, x2 = forward ? b.x : b.x + b.w;
   const c = (x2 - x1) / 2;
-  return {d: `M${x1},${ay} C${x1 + c},${ay} ${x2 - c},${by} ${x2},${by}`, mx: (x1 + x2) / 2, my: (ay + by) / 2};
+  return {d: `M${x1},${ay} C${x1 + c},${ay} ${x2 - c},${by} ${x2},${by}`,
+          mx: (x1 + x2) / 2, my: (ay + by) / 2, anchor: "middle"};
 }
 
 function drawMap(m) {
@@ -109,7 +111,7 @@ function drawMap(m) {
               "marker-end": `url(#arrow-${COLORS[verdict] ? verdict : "OTHER"})`}, attrs), svg);
       el("path", Object.assign({class: "hit"}, attrs), svg);
       const port = e.port ? `${e.protocol}/${e.port}` : e.protocol;
-      const t = el("text", {class: "count", x: g.mx, y: g.my - 4 + i * 14, fill: color, "text-anchor": "middle",
+      const t = el("text", {class: "count", x: g.mx, y: g.my - 4 + i * 14, fill: color, "text-anchor": g.anchor,
                             "data-edge": e.id, "data-verdict": verdict}, labels);
       t.textContent = `${port} ${verdict.toLowerCase()} ${e.verdicts[verdict]}`;
     });

@@ -145,6 +145,7 @@ def edge_of(flow: Flow) -> tuple[NodeKey, NodeKey, str]:
 
 # The page's geometry: namespaces are columns of node boxes.
 NODE_W, NODE_H, GAP_Y, COL_GAP, MARGIN, HEADER = 180, 44, 36, 150, 30, 34
+LABEL_ROOM = 240  # right of the last column: edges within a column bend there, with their counts
 
 
 def _namespace_order(namespace: str) -> tuple[int, str]:
@@ -196,7 +197,7 @@ def service_map(flows: Iterable[Flow]) -> dict[str, Any]:
         x += NODE_W + 30 + COL_GAP
     return {"nodes": out_nodes, "namespaces": namespaces,
             "edges": [e.to_json() for e in sorted(edges.values(), key=lambda e: (e.source, e.destination, e.port))],
-            "flows": seen, "width": max(x - COL_GAP + MARGIN, 400), "height": height + MARGIN}
+            "flows": seen, "width": max(x - COL_GAP + LABEL_ROOM, 400), "height": height + MARGIN}
 
 
 def edge_flows(flows: Iterable[Flow], wanted: str, limit: int) -> list[dict[str, Any]]:
