@@ -15,9 +15,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ import pytest
 import websockets
 from PIL import Image
 
+from weft.hubble.relay import Peer, Relay
+from weft.hubble.server import hubble_socket
+from weft.lab.cluster import Lab
+from weft.lab.probe import probe
+from weft.ui import servicemap
 from weft.ui.server import start_ui
+
+from conftest import one_node_lab
 
 CHROMIUM = shutil.which("chromium")
 GREEN, RED = (0x1A, 0x9E, 0x3A), (0xD6, 0x28, 0x28)
@@ -106,7 +114,12 @@ class Page:
             if value:
                 return value
             await asyncio.sleep(0.1)
-        raise AssertionError(f"the page never made this true: {expression}")
+        shown = await self.js("document.getElementById('status').textContent + ' | edges: ' + [...document"
+                              ".querySelectorAll('text.count')].map(t => t.dataset.edge + ' ' + t.textContent)"
+                              ".join('; ')"
+                              " + ' | nodes: ' + [...document.querySelectorAll('g.node')].map(g => g.dataset.id)"
+                              ".join(', ')")
+        raise AssertionError(f"the page never made this true: {expression}\nthe page shows: {shown}")
 
     async def screenshot(self) -> Image.Image:
         shot = await self.call("Page.captureScreenshot", format="png")
@@ -221,3 +234,82 @@ def test_browser_check_fails_on_an_empty_map() -> None:
     dom, green, red, rows = asyncio.run(with_ui([], "weft-ui-empty.png"))
     assert dom["nodes"] == [] and dom["edges"] == [] and rows == []
     assert green < 50 and red < 50, (green, red)
+
+
+# ---------------------------------------------------------------- the real relay of a 1-node lab
+ALLOW_CLIENTS = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-from-clients
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: client
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    yield from one_node_lab("ui")
+
+
+def test_browser_shows_the_real_relays_edges(lab: Lab, tmp_path: Path) -> None:
+    """Two replicas of one workload reach the backend (forwarded), another pod is dropped by the
+    policy's default deny: the map of the lab's relay shows both edges, and the drop's reason."""
+    clients = [lab.pod_add(f"default/client-{i}", labels={"app": "client"}) for i in (1, 2)]
+    intruder = lab.pod_add("default/intruder", labels={"app": "intruder"})
+    backend = lab.pod_add("default/backend", labels={"app": "backend"}, serve=["tcp:80"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ALLOW_CLIENTS)
+    subprocess.run([sys.executable, "-m", "weft.cli.main", "apply", "-f", str(policy), "--lab", lab.name],
+                   check=True, capture_output=True, timeout=60)
+    address = next(a for a in backend.addresses if ":" not in a)
+    for client in clients:
+        assert probe(client.netns, "tcp", address, 80, timeout=2).outcome == "connected"
+    assert probe(intruder.netns, "tcp", address, 80, timeout=0.5).outcome == "timeout"
+    node = lab.load().nodes[0]
+    forwarded = servicemap.edge_id("default/client", "default/backend", "TCP", 80)
+    dropped = servicemap.edge_id("default/intruder", "default/backend", "TCP", 80)
+
+    async def main() -> tuple[list[str], list[list[str]]]:
+        relay = Relay([Peer(node.name, f"unix://{hubble_socket(Path(node.socket_path))}")])
+        runner = await start_ui(relay, port=0)
+        try:
+            host, port = runner.addresses[0][:2]
+            async with browser_page(f"http://{host}:{port}/") as page:
+                await page.wait_for(f"!!document.querySelector('path.edge[data-edge=\"{forwarded}\"]"
+                                    f"[data-verdict=\"FORWARDED\"][stroke=\"#1a9e3a\"]') && "
+                                    f"!!document.querySelector('path.edge[data-edge=\"{dropped}\"]"
+                                    f"[data-verdict=\"DROPPED\"][stroke=\"#d62828\"]')")
+                labels = await page.js("[...document.querySelectorAll('g.node text')].map(t => t.textContent)")
+                point = await page.js(f"""(() => {{
+                  const p = document.querySelector('path.edge[data-edge="{dropped}"]');
+                  const pt = p.getPointAtLength(p.getTotalLength() / 2).matrixTransform(p.getScreenCTM());
+                  return {{x: pt.x, y: pt.y}}; }})()""")
+                for kind in ("mousePressed", "mouseReleased"):
+                    await page.call("Input.dispatchMouseEvent", type=kind, x=point["x"], y=point["y"],
+                                    button="left", clickCount=1)
+                await page.wait_for("document.querySelectorAll('#flows tbody tr').length > 0")
+                rows = await page.js("[...document.querySelectorAll('#flows tbody tr')]"
+                                     ".map(r => [...r.cells].map(c => c.textContent))")
+                (await page.screenshot()).save(Path(tempfile.gettempdir()) / "weft-ui-lab.png")
+                return labels, rows
+        finally:
+            await runner.cleanup()
+            await relay.close()
+
+    labels, rows = asyncio.run(main())
+    assert {"client", "intruder", "backend"} <= set(labels), labels
+    assert labels.count("client") == 1, "both replicas are one workload"
+    assert rows and all(r[1] == "default/intruder" and r[2] == "default/backend" and r[3] == "80/TCP"
+                        and r[4] == "DROPPED" and r[5] == "POLICY_DENIED" and r[6] == node.name for r in rows), rows

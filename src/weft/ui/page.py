@@ -86,8 +86,8 @@ function drawMap(m) {
   document.getElementById("empty").style.display = m.nodes.length ? "none" : "block";
   const defs = el("defs", {}, svg);
   for (const [verdict, color] of Object.entries(COLORS).concat([["OTHER", "#888"]])) {
-    const mk = el("marker", {id: "arrow-" + verdict, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 6,
-                             markerHeight: 6, orient: "auto-start-reverse"}, defs);
+    const mk = el("marker", {id: "arrow-" + verdict, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 10,
+                             markerHeight: 10, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse"}, defs);
     el("path", {d: "M0,0 L10,5 L0,10 z", fill: color}, mk);
   }
   for (const ns of m.namespaces) {
