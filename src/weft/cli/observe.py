@@ -1,28 +1,37 @@
-"""``weft observe``: flows of every node of the lab, as ``hubble observe`` shows them.
-
-Every node's agent is asked (``flows.get``) with the same filters; the answers are merged by
-time. ``--follow`` keeps asking each agent for what came after its last answer (a cursor) until
-Ctrl-C. Filter semantics and output formats are in :mod:`weft.observe`.
+"""``weft observe``: flows of every node of the lab, as ``hubble observe`` shows them, over
+Hubble's gRPC Observer API: through the lab's relay (``weft relay``, which merges the nodes by
+time) when it runs, else from each node's Observer (``hubble.sock``), merged here. ``--follow``
+keeps the stream open until Ctrl-C. Filter semantics and output formats are in
+:mod:`weft.observe`; filters go to the servers as Hubble whitelist/blacklist FlowFilters.
 """
 
 from __future__ import annotations
 
+import queue
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 
-from weft.agent.client import AgentCallError, AgentClient, AgentUnavailable
 from weft.cli.output import console, err_console
+from weft.hubble import convert
+from weft.hubble import relay as relay_process
+from weft.hubble.proto import observer_grpc
+from weft.hubble.relay import relay_socket
+from weft.hubble.server import hubble_socket
 from weft.lab.cluster import Lab, LabError
 from weft.observe.filters import FilterError, Filters, FlowFilter, with_exclusions
 from weft.observe.flow import parse_time, rfc3339
 from weft.observe.output import OutputFormat, compact_line, json_line, jsonpb_line, table_text
 
-FOLLOW_POLL_S = 0.25  # how often --follow asks each agent for news
+CALL_TIMEOUT_S = 30.0
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 
 Many = Annotated[list[str] | None, typer.Option()]
@@ -43,25 +52,45 @@ def parse_when(text: str, now_ns: int | None = None) -> str:
             from None
 
 
-def _clients(lab: str, node: str | None, socket: Path | None) -> list[tuple[str, AgentClient]]:
+@dataclass(frozen=True)
+class Target:
+    name: str  # what errors call it: the relay, a node
+    address: str  # gRPC target
+
+
+def targets(lab: str, node: str | None, socket: Path | None, server: str | None) -> list[Target]:
+    """Whom to ask: ``--server``, one agent's Observer (``--socket``), the lab's relay, or (no
+    relay, or ``--node``) the nodes' Observers."""
+    if server:
+        return [Target(server, server)]
     if socket is not None:
-        return [(str(socket), AgentClient(socket))]
+        return [Target(str(socket), f"unix://{hubble_socket(socket)}")]
     lab_obj = Lab(lab)
     state = lab_obj.load()
+    relay = relay_socket(lab_obj.base)
+    if node is None and relay.exists():
+        return [Target(f"relay of lab {lab}", f"unix://{relay}")]
     nodes = [lab_obj.node(state, node)] if node else state.nodes
-    return [(n.name, lab_obj.client(n)) for n in nodes]
-
-
-def _time_key(response: dict[str, Any]) -> int:
-    try:
-        return parse_time(str(response.get("time", "")))
-    except ValueError:
-        return 0
+    return [Target(n.name, f"unix://{hubble_socket(Path(n.socket_path))}") for n in nodes]
 
 
 def merge(answers: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Responses of several nodes, oldest first (stable: one node's order is kept on ties)."""
-    return sorted((r for answer in answers for r in answer), key=_time_key)
+    return convert.merge_sorted(answers)
+
+
+def _stream(target: Target, request: Any, timeout: float | None) -> Iterator[dict[str, Any]]:
+    with grpc.insecure_channel(target.address) as channel:
+        for message in observer_grpc.ObserverStub(channel).GetFlows(request, timeout=timeout):
+            yield convert.message_to_response(message)
+
+
+def _rpc_error(target: Target, exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"{target.name}: Observer not reachable at {target.address} ({details})"
+    return f"{target.name}: {details}"
 
 
 def observe(
@@ -87,6 +116,7 @@ def observe(
     lab: Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name")] = "weft",
     node: Annotated[str | None, typer.Option("--node", help="one node (default: every node)")] = None,
     socket: Annotated[Path | None, typer.Option("--socket", help="one agent's socket instead of a lab")] = None,
+    server: Annotated[str | None, typer.Option("--server", help="a Hubble Observer's gRPC address")] = None,
 ) -> None:
     """Flows of every node (hubble observe's filters: values of one flag OR'ed, flags AND'ed)."""
     parsed = FlowFilter(
@@ -106,60 +136,82 @@ def observe(
         raise _fail("--last, --first and --all exclude each other")
     try:
         filters = with_exclusions(parsed, sys.argv[1:]) if not_ else with_exclusions(parsed, [])
-        params: dict[str, Any] = {"filters": filters.to_json()}
-        if since:
-            params["since"] = parse_when(since)
-        if until:
-            params["until"] = parse_when(until)
-        clients = _clients(lab, node, socket)
+        since_text = parse_when(since) if since else None
+        until_text = parse_when(until) if until else None
+        chosen = targets(lab, node, socket, server)
+        if all_:
+            number, from_start = 0, False
+        elif first is not None:
+            number, from_start = first, True
+        elif last is not None or not follow:
+            number, from_start = (20 if last is None else last), False
+        else:
+            number, from_start = 0, False  # --follow alone: only what comes from now on
+        request = convert.request(filters, number=number, first=from_start, follow=follow, since=since_text,
+                                  until=until_text)
     except (FilterError, LabError) as exc:
         raise _fail(str(exc)) from None
-    if all_:
-        params["all"] = True
-    elif first is not None:
-        params["first"] = first
-    elif last is not None or not follow:
-        params["last"] = 20 if last is None else last
-    else:
-        params["last"] = 0  # --follow alone: only what comes from now on
     painted = color == "always" or (color == "auto" and sys.stdout.isatty())
-    cursors: dict[str, int] = {}
-    answers: list[list[dict[str, Any]]] = []
-    for name, client in clients:
-        try:
-            answer = client.call("flows.get", params)
-        except (AgentUnavailable, AgentCallError) as exc:
-            raise _fail(f"{name}: {exc}") from None
-        cursors[name] = int(answer["cursor"])
-        answers.append(answer["responses"])
-    merged = merge(answers)
-    if first is not None:
-        merged = merged[:first]
-    elif "last" in params:
-        merged = merged[-params["last"]:] if params["last"] else []
-    _print(merged, output, painted, header=True)
+    if number == 0 and not all_ and not follow:
+        return  # --last 0 / --first 0: nothing asked (0 means "everything" on the wire)
     if not follow:
+        answers: list[list[dict[str, Any]]] = []
+        for target in chosen:
+            try:
+                answers.append(_shown(list(_stream(target, request, CALL_TIMEOUT_S))))
+            except grpc.RpcError as exc:
+                raise _fail(_rpc_error(target, exc)) from None
+        merged = merge(answers)
+        if number:
+            merged = merged[:number] if from_start else merged[-number:]
+        _print(merged, output, painted, header=True)
         return
-    follow_params = {k: v for k, v in params.items() if k not in ("first", "last", "all")}
-    unreachable: set[str] = set()
+    _follow(chosen, request, output, painted)
+
+
+def _shown(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flows and lost events; node status notices (a node the relay cannot reach) go to stderr."""
+    out = []
+    for response in responses:
+        status = response.get("node_status")
+        if status is not None:
+            err_console.print(f"[yellow]{', '.join(status.get('node_names', []))}: "
+                              f"{status.get('state_change', '')} {status.get('message', '')}[/yellow]",
+                              highlight=False)
+            continue
+        out.append(response)
+    return out
+
+
+def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: bool) -> None:
+    """Print every target's stream as it comes (one thread per target feeds a queue)."""
+    inbox: queue.Queue[tuple[Target, dict[str, Any] | grpc.RpcError]] = queue.Queue()
+
+    def pump(target: Target) -> None:
+        try:
+            for response in _stream(target, request, None):
+                inbox.put((target, response))
+        except grpc.RpcError as exc:
+            inbox.put((target, exc))
+
+    for target in chosen:
+        threading.Thread(target=pump, args=(target,), daemon=True, name=f"observe {target.name}").start()
+    header = True
+    alive = len(chosen)
     try:
-        while True:
-            time.sleep(FOLLOW_POLL_S)
-            news: list[list[dict[str, Any]]] = []
-            for name, client in clients:
-                try:
-                    answer = client.call("flows.get", {**follow_params, "after": cursors[name]})
-                except (AgentUnavailable, AgentCallError) as exc:
-                    if name not in unreachable:
-                        err_console.print(f"[yellow]{name}: {exc}; retrying[/yellow]")
-                        unreachable.add(name)
-                    continue
-                unreachable.discard(name)
-                cursors[name] = int(answer["cursor"])
-                news.append(answer["responses"])
-            _print(merge(news), output, painted, header=False)
+        while alive:
+            target, item = inbox.get()
+            if isinstance(item, grpc.RpcError):
+                err_console.print(f"[yellow]{_rpc_error(target, item)}[/yellow]", highlight=False)
+                alive -= 1
+                continue
+            shown = _shown([item])
+            if shown:
+                _print(shown, output, painted, header=header)
+                header = False
     except KeyboardInterrupt:
         return
+    raise _fail("every stream ended")
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -188,8 +240,19 @@ def _fail(msg: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def relay(
+    lab: Annotated[str, typer.Option("--lab", envvar="WEFT_LAB_NAME", help="lab name")] = "weft",
+    listen: Annotated[str, typer.Option("--listen", help="loopback TCP address, if free ('' for none)")] =
+    relay_process.DEFAULT_ADDRESS,
+) -> None:
+    """Hubble-compatible relay: one Observer (GetFlows, GetNodes, ServerStatus) merging every node
+    of the lab, on the lab's relay.sock and on --listen. `weft lab up` starts one per lab."""
+    raise typer.Exit(relay_process.main(["--lab", lab, "--listen", listen]))
+
+
 def register(app: typer.Typer) -> None:
     app.command("observe")(observe)
+    app.command("relay")(relay)
 
 
-__all__ = ["Filters", "merge", "observe", "parse_when", "register"]
+__all__ = ["Filters", "merge", "observe", "parse_when", "register", "relay"]

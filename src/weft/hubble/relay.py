@@ -10,18 +10,25 @@ its state in GetNodes, counted in ServerStatus), never waited for. ``recent_flow
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import logging
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from weft.hubble import convert
 from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
-from weft.hubble.server import VERSION, window
+from weft.hubble.server import VERSION, hubble_socket, serve, window
+
+log = logging.getLogger("weft.relay")
 
 DEFAULT_ADDRESS = "127.0.0.1:4245"
 CALL_TIMEOUT_S = 5.0
@@ -38,6 +45,7 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
         self.peers = peers
         self.started_ns = time.monotonic_ns()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Future[None]] = set()
 
     def _stub(self, peer: Peer) -> Any:
         channel = self._channels.get(peer.name)
@@ -51,8 +59,22 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
             await channel.close()
         self._channels.clear()
 
+    def _forget(self, peer: Peer) -> None:
+        """Drop a peer's channel after a failure: the next call dials afresh, instead of waiting
+        out gRPC's reconnect backoff while a restarted agent is already serving again."""
+        channel = self._channels.pop(peer.name, None)
+        if channel is not None:
+            closing = asyncio.ensure_future(channel.close())
+            self._closing.add(closing)  # held until done: a task nobody references may be collected
+            closing.add_done_callback(self._closing.discard)
+
     async def _collect(self, peer: Peer, request: Any) -> list[Any]:
-        return [r async for r in self._stub(peer).GetFlows(request, timeout=CALL_TIMEOUT_S)]
+        try:
+            return [r async for r in self._stub(peer).GetFlows(request, timeout=CALL_TIMEOUT_S)]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                self._forget(peer)
+            raise
 
     async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
         try:
@@ -92,6 +114,7 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
                 async for response in self._stub(peer).GetFlows(request):
                     await queue.put(response)
             except grpc.aio.AioRpcError as exc:
+                self._forget(peer)
                 await queue.put(_node_status([peer.name], exc.details() or str(exc.code())))
 
         tasks = [asyncio.create_task(pump(p)) for p in self.peers]
@@ -110,6 +133,7 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
             try:
                 return await self._stub(peer).ServerStatus(observer_pb2.ServerStatusRequest(), timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError:
+                self._forget(peer)
                 return None
         results = await asyncio.gather(*(one(p) for p in self.peers))
         return list(zip(self.peers, results, strict=True))
@@ -164,3 +188,72 @@ def _node_status(names: list[str], message: str) -> Any:
                                               message=message))
     response.time.FromNanoseconds(time.time_ns())
     return response
+
+
+# ---------------------------------------------------------------------- the process
+def relay_socket(lab_base: Path) -> Path:
+    """Where a lab's relay always listens (TCP 4245 is one per machine; labs may be several)."""
+    return lab_base / "relay.sock"
+
+
+def lab_peers(lab_name: str) -> tuple[list[Peer], Path]:
+    """Every node of a lab as a relay peer, and the lab's directory."""
+    from weft.lab.cluster import Lab  # the process's entry only: the relay's logic needs no lab
+
+    lab = Lab(lab_name)
+    state = lab.load()
+    peers = [Peer(n.name, f"unix://{hubble_socket(Path(n.socket_path))}") for n in state.nodes]
+    return peers, lab.base
+
+
+async def run(peers: list[Peer], addresses: list[str], optional: list[str]) -> None:
+    """Serve until SIGTERM/SIGINT: on every address of ``addresses``, and on those of
+    ``optional`` that are free (a taken 4245 must not keep a second lab without its relay)."""
+    relay = Relay(peers)
+    server = await serve(relay, addresses)
+    for address in optional:
+        try:
+            extra = await serve(relay, [address])
+        except (OSError, RuntimeError) as exc:
+            log.warning("relay not on %s: %s", address, exc)
+            continue
+        log.info("relay on %s", address)
+        stop_also.append(extra)
+    log.info("relay for %s on %s", ", ".join(p.name for p in peers), ", ".join(addresses))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for extra in stop_also:
+        await extra.stop(grace=0.5)
+    await server.stop(grace=0.5)
+    await relay.close()
+
+
+stop_also: list[grpc.aio.Server] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="weft relay", description="Hubble-compatible relay over a lab's nodes")
+    parser.add_argument("--lab", default="weft", help="lab name")
+    parser.add_argument("--listen", default=DEFAULT_ADDRESS, help="TCP address (loopback), if free; '' for none")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host = args.listen.rpartition(":")[0].strip("[]")
+    if args.listen and host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"weft relay: --listen {args.listen}: loopback addresses only (127.0.0.1, ::1)", file=sys.stderr)
+        return 2
+    try:
+        peers, base = lab_peers(args.lab)
+    except Exception as exc:
+        print(f"weft relay: lab {args.lab!r}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(peers, [f"unix://{relay_socket(base)}"], [args.listen] if args.listen else []))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -213,6 +213,8 @@ class Lab:
                 say(f"node {node.name}: agent ready")
                 self.start_dnsproxy(state, node.name)
                 say(f"node {node.name}: DNS proxy ready")
+            self.start_relay()
+            say(f"relay: {self.relay_socket}")
             if world_ready:
                 world_ready()
                 dns = self._add_kube_dns(state)
@@ -343,6 +345,27 @@ class Lab:
             return client.alive()
 
         wait_for(f"agent of {node.name}", ready, timeout=30)
+        return proc.pid
+
+    # ------------------------------------------------------------------ Hubble relay
+    @property
+    def relay_socket(self) -> Path:
+        return self.base / "relay.sock"
+
+    def start_relay(self) -> int:
+        """The lab's Hubble relay (``weft relay``): one Observer merging every node's. The default
+        lab also takes Hubble Relay's TCP port (127.0.0.1:4245); other labs use the socket only."""
+        listen = "127.0.0.1:4245" if self.name == "weft" else ""
+        log_path = self.base / "relay.log"
+        proc = self._spawn([sys.executable, "-m", "weft.hubble.relay", "--lab", self.name, "--listen", listen],
+                           log_path)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"relay exited with {proc.returncode}; see {log_path}")
+            return self.relay_socket.exists()
+
+        wait_for("relay", ready, timeout=20)
         return proc.pid
 
     # ------------------------------------------------------------------ DNS proxy
