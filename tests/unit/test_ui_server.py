@@ -34,11 +34,12 @@ FLOWS = [make_flow(pod("default", "client-1"), pod("default", "web-1")),
          dns_flow("a.example.")]
 
 
-def run(body: Callable[[TestClient[Any, Any], FakeRelay], Awaitable[None]], window: int = 10_000) -> None:
+def run(body: Callable[[TestClient[Any, Any], FakeRelay], Awaitable[None]], window: int = 10_000,
+        max_age_s: float = 0.0) -> None:
     relay = FakeRelay(list(FLOWS))
 
     async def main() -> None:
-        async with TestClient(TestServer(build_app(relay, window=window))) as client:
+        async with TestClient(TestServer(build_app(relay, window=window, max_age_s=max_age_s))) as client:
             await body(client, relay)
 
     asyncio.run(main())
@@ -97,6 +98,14 @@ def test_map_follows_new_flows() -> None:
         assert len(after["edges"]) == len(before["edges"]) + 1
         assert servicemap.edge_id("shop/db", "shop/cache", "TCP", 6379) in {e["id"] for e in after["edges"]}
     run(body)
+
+
+def test_one_fetch_serves_the_pages_requests_of_a_second() -> None:
+    async def body(client: TestClient[Any, Any], relay: FakeRelay) -> None:
+        for path in ("/api/servicemap", "/api/dns", "/api/servicemap"):
+            assert (await client.get(path)).status == 200
+        assert relay.limits == [10_000]
+    run(body, max_age_s=60)
 
 
 def test_only_loopback_and_a_real_listener() -> None:

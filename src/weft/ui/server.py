@@ -28,8 +28,29 @@ class FlowSource(Protocol):
     async def node_names(self) -> list[str]: ...
 
 
+class FlowWindow:
+    """The last ``size`` flows of the source, fetched at most once per ``max_age_s``: the page asks
+    for the map, the DNS panel and an edge's flows every second, from one fetch."""
+
+    def __init__(self, source: FlowSource, size: int, max_age_s: float = 0.5) -> None:
+        self.source = source
+        self.size = size
+        self.max_age_s = max_age_s
+        self._flows: list[dict[str, Any]] = []
+        self._fetched = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def flows(self) -> list[dict[str, Any]]:
+        async with self._lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._fetched >= self.max_age_s:
+                self._flows = await self.source.recent_flows(self.size)
+                self._fetched = asyncio.get_running_loop().time()
+            return self._flows
+
+
 SOURCE_KEY = web.AppKey("source", FlowSource)
-WINDOW_KEY = web.AppKey("window", int)
+WINDOW_KEY = web.AppKey("window", FlowWindow)
 
 
 def _bad(message: str) -> web.Response:
@@ -41,10 +62,8 @@ async def _page(_: web.Request) -> web.Response:
 
 
 async def _servicemap(request: web.Request) -> web.Response:
-    source = request.app[SOURCE_KEY]
-    flows = await source.recent_flows(request.app[WINDOW_KEY])
-    body = servicemap.service_map(flows)
-    body["node_names"] = await source.node_names()
+    body = servicemap.service_map(await request.app[WINDOW_KEY].flows())
+    body["node_names"] = await request.app[SOURCE_KEY].node_names()
     return web.json_response(body)
 
 
@@ -59,22 +78,22 @@ async def _flows(request: web.Request) -> web.Response:
         return _bad(f"/api/flows: limit must be an integer, not {text!r}")
     if not 1 <= limit <= MAX_EDGE_FLOWS:
         return _bad(f"/api/flows: limit must be between 1 and {MAX_EDGE_FLOWS}, not {limit}")
-    flows = await request.app[SOURCE_KEY].recent_flows(request.app[WINDOW_KEY])
+    flows = await request.app[WINDOW_KEY].flows()
     return web.json_response({"edge": edge, "flows": servicemap.edge_flows(flows, edge, limit)})
 
 
 async def _dns(request: web.Request) -> web.Response:
-    flows = await request.app[SOURCE_KEY].recent_flows(request.app[WINDOW_KEY])
-    return web.json_response(servicemap.dns_panel(flows))
+    return web.json_response(servicemap.dns_panel(await request.app[WINDOW_KEY].flows()))
 
 
-def build_app(source: FlowSource, *, window: int = FLOW_WINDOW) -> web.Application:
-    """The UI's application over ``source``; ``window`` flows make the map."""
+def build_app(source: FlowSource, *, window: int = FLOW_WINDOW, max_age_s: float = 0.5) -> web.Application:
+    """The UI's application over ``source``; the last ``window`` flows make the map, fetched at
+    most once per ``max_age_s``."""
     if window < 1:
         raise ValueError(f"build_app: window must be at least 1 flow, not {window}")
     app = web.Application()
     app[SOURCE_KEY] = source
-    app[WINDOW_KEY] = window
+    app[WINDOW_KEY] = FlowWindow(source, window, max_age_s)
     app.router.add_get("/", _page)
     app.router.add_get("/api/servicemap", _servicemap)
     app.router.add_get("/api/flows", _flows)
@@ -86,7 +105,7 @@ async def start_ui(source: FlowSource, host: str = "127.0.0.1", port: int = DEFA
     """Start the UI and return its runner (``await runner.cleanup()`` stops it). Port 0 picks a
     free port: read it from ``runner.addresses``."""
     if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"serve_ui: host must be a loopback address (the UI has no authentication), not {host!r}")
+        raise ValueError(f"UI host must be a loopback address (the UI has no authentication), not {host!r}")
     runner = web.AppRunner(build_app(source), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
