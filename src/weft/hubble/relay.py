@@ -206,40 +206,49 @@ def lab_peers(lab_name: str) -> tuple[list[Peer], Path]:
     return peers, lab.base
 
 
-async def run(peers: list[Peer], addresses: list[str], optional: list[str]) -> None:
+async def run(peers: list[Peer], addresses: list[str], optional: list[str], ui_port: int = 0) -> None:
     """Serve until SIGTERM/SIGINT: on every address of ``addresses``, and on those of
-    ``optional`` that are free (a taken 4245 must not keep a second lab without its relay)."""
+    ``optional`` that are free (a taken 4245 must not keep a second lab without its relay);
+    the web UI on 127.0.0.1:``ui_port`` too, unless 0."""
     relay = Relay(peers)
-    server = await serve(relay, addresses)
+    skipped: list[str] = []
+    server = await serve(relay, addresses, optional, skipped)
     for address in optional:
-        try:
-            extra = await serve(relay, [address])
-        except (OSError, RuntimeError) as exc:
-            log.warning("relay not on %s: %s", address, exc)
-            continue
-        log.info("relay on %s", address)
-        stop_also.append(extra)
+        if address in skipped:
+            log.warning("relay not on %s: cannot bind (taken?)", address)
+        else:
+            log.info("relay on %s", address)
     log.info("relay for %s on %s", ", ".join(p.name for p in peers), ", ".join(addresses))
+    ui = None
+    if ui_port:
+        from weft.ui.server import start_ui  # only a relay with a UI loads aiohttp
+
+        try:
+            ui = await start_ui(relay, port=ui_port)
+            log.info("web UI on http://127.0.0.1:%d/", ui_port)
+        except OSError as exc:  # an observer of the observer: a taken port must not stop the relay
+            log.warning("web UI not on port %d: %s", ui_port, exc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    for extra in stop_also:
-        await extra.stop(grace=0.5)
+    if ui is not None:
+        await ui.cleanup()
     await server.stop(grace=0.5)
     await relay.close()
-
-
-stop_also: list[grpc.aio.Server] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="weft relay", description="Hubble-compatible relay over a lab's nodes")
     parser.add_argument("--lab", default="weft", help="lab name")
     parser.add_argument("--listen", default=DEFAULT_ADDRESS, help="TCP address (loopback), if free; '' for none")
+    parser.add_argument("--ui-port", type=int, default=0, help="serve the web UI on 127.0.0.1:PORT (0: none)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if not 0 <= args.ui_port <= 65535:
+        print(f"weft relay: --ui-port {args.ui_port}: a TCP port (1-65535), or 0 for no UI", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = args.listen.rpartition(":")[0].strip("[]")
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"weft relay: lab {args.lab!r}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run(peers, [f"unix://{relay_socket(base)}"], [args.listen] if args.listen else []))
+    asyncio.run(run(peers, [f"unix://{relay_socket(base)}"], [args.listen] if args.listen else [], args.ui_port))
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from weft.hubble import convert
-from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
+from weft.hubble.proto import flow_pb2, observer_grpc, observer_pb2, relay_pb2
 from weft.observe import flow as flows
 from weft.observe.ring import FlowRing
 
@@ -41,6 +41,15 @@ class Window:
     keep: Callable[[dict[str, Any]], bool]
     first: int | None
     last: int | None
+    mask: Any | None = None  # google.protobuf.FieldMask: the Flow fields to return
+
+    def message(self, item: dict[str, Any]) -> Any:
+        response = convert.response_to_message(item)
+        if self.mask is not None and response.HasField("flow"):
+            masked = flow_pb2.Flow()
+            self.mask.MergeMessage(response.flow, masked)
+            response.flow.CopyFrom(masked)
+        return response
 
 
 def window(request: Any) -> Window:
@@ -56,12 +65,17 @@ def window(request: Any) -> Window:
                 return False
         return lists.keep(item)
 
+    mask = None
+    if request.HasField("field_mask") and request.field_mask.paths:
+        if not request.field_mask.IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+            raise ValueError(f"field_mask {list(request.field_mask.paths)} names fields flow.Flow does not have")
+        mask = request.field_mask
     number = int(request.number)
     if number == 0:
         # Hubble: no number with --follow means only new flows; without, everything held.
         has_time = since is not None or until is not None
-        return Window(keep, None, 0 if request.follow and not has_time else None)
-    return Window(keep, number if request.first else None, None if request.first else number)
+        return Window(keep, None, 0 if request.follow and not has_time else None, mask)
+    return Window(keep, number if request.first else None, None if request.first else number, mask)
 
 
 class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
@@ -79,7 +93,7 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
             return
         result = self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
         for item in result.items:
-            yield convert.response_to_message(item)
+            yield win.message(item)
         if not request.follow:
             return
         cursor = result.cursor
@@ -91,7 +105,7 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
                 yield convert.response_to_message(flows.lost_response(
                     flows.LOST_FLOW_RING, news.missed, self.node_name, time.time_ns()))
             for item in news.items:
-                yield convert.response_to_message(item)
+                yield win.message(item)
 
     def status(self) -> Any:
         return observer_pb2.ServerStatusResponse(
@@ -110,14 +124,26 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
         return observer_pb2.GetNodesResponse(nodes=[node])
 
 
-async def serve(servicer: Any, addresses: list[str]) -> grpc.aio.Server:
-    """Start a grpc.aio server for ``servicer`` on every address (``unix:///path``, ``host:port``)."""
+async def serve(servicer: Any, addresses: list[str], optional: list[str] | None = None,
+                skipped: list[str] | None = None) -> grpc.aio.Server:
+    """Start a grpc.aio server for ``servicer`` on every address (``unix:///path``, ``host:port``);
+    an ``optional`` address that cannot be bound is skipped (added to ``skipped``, with why)."""
     server = grpc.aio.server()
     observer_grpc.add_ObserverServicer_to_server(servicer, server)
     for address in addresses:
         if address.startswith("unix://"):
             Path(address.removeprefix("unix://")).unlink(missing_ok=True)
-        if server.add_insecure_port(address) == 0:
+        if _bind(server, address) == 0:
             raise OSError(f"cannot listen on {address}")
+    for address in optional or []:
+        if _bind(server, address) == 0 and skipped is not None:
+            skipped.append(address)
     await server.start()
     return server
+
+
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    try:
+        return int(server.add_insecure_port(address))
+    except RuntimeError:  # some grpcio versions raise instead of returning 0
+        return 0
