@@ -24,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from weft.datapath import abi, libbpf
 from weft.datapath.maps import BpfHashMap, PerCpuArray
-from weft.datapath.netlink import node_ipr
+from weft.datapath.netlink import link_index, node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
 
 PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev")
@@ -271,10 +271,9 @@ class NodeDatapath:
         """Each (program, at egress?) on the link's clsact hook, with our fixed handle/priority."""
         self._need()
         if ifindex is None:
-            found = node_ipr().link_lookup(ifname=ifname)
-            if not found:
+            ifindex = link_index(ifname)
+            if ifindex is None:
                 raise FileNotFoundError(f"interface {ifname} not found")
-            ifindex = found[0]
         libbpf.tc_hook_create(ifindex)
         for prog, egress in programs:
             libbpf.tc_attach(ifindex, self._prog_fds[prog], egress, TC_HANDLE, TC_PRIO)
@@ -282,22 +281,20 @@ class NodeDatapath:
     def detach(self, ifname: str) -> None:
         """Best effort: remove the clsact qdisc (and with it both filters); no error if the link
         or the qdisc is gone."""
-        ipr = node_ipr()
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
+        index = link_index(ifname)
+        if index is None:
             return
         with contextlib.suppress(NetlinkError):
-            ipr.tc("del", "clsact", found[0])
+            node_ipr().tc("del", "clsact", index)
 
     def attached_program_ids(self, ifname: str, ifindex: int | None = None) -> dict[str, int]:
         """``{'ingress': prog_id, 'egress': prog_id}`` of our filters (our handle and priority)
         on the link, in the caller's netns; a direction without one is absent, so is everything
         if the link is."""
         if ifindex is None:
-            found = node_ipr().link_lookup(ifname=ifname)
-            if not found:
+            ifindex = link_index(ifname)
+            if ifindex is None:
                 return {}
-            ifindex = found[0]
         out: dict[str, int] = {}
         for direction, egress in (("ingress", False), ("egress", True)):
             prog_id = libbpf.tc_query(ifindex, egress, TC_HANDLE, TC_PRIO)

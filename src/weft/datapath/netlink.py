@@ -7,6 +7,7 @@ pod's netns must not use this: they open their own socket inside that netns.
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from pyroute2 import IPRoute
@@ -27,3 +28,14 @@ def close_node_ipr() -> None:
     if ipr is not None:
         ipr.close()
         _local.ipr = None
+
+
+def link_index(ifname: str) -> int | None:
+    """The index of a link in the calling thread's netns, None if there is none. By
+    if_nametoindex(3), not IPRoute.link_lookup: pyroute2 0.9.7 leaves one unread message in its
+    socket's queue per lookup by name, for as long as the socket lives (a per-thread one here),
+    which made the agent grow with every ADD and every reconcile."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None

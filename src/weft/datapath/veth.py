@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
-from weft.datapath.netlink import node_ipr
+from weft.datapath.netlink import link_index, node_ipr
 from weft.types.addresses import IPAddress
 
 log = logging.getLogger("weft.datapath.veth")
@@ -138,7 +138,7 @@ def create_pod_link(
     finally:
         os.close(ns_fd)
     try:
-        index = ipr.link_lookup(ifname=host_ifname)[0]
+        index = socket.if_nametoindex(host_ifname)
         # No duplicate address detection on the host side: while its link-local address is
         # tentative (1-2 s) the node sends no neighbour solicitation out of it, so the node's first
         # IPv6 packets to the new pod would wait. Nothing else on this link can hold the address.
@@ -196,12 +196,11 @@ def _configure_pod_side(pod_ifname: str, addresses: list[PodAddress]) -> None:
 
 def delete_host_link(host_ifname: str) -> bool:
     """Delete the host side (the kernel removes the peer with it). False if it was already gone."""
-    ipr = node_ipr()
-    found = ipr.link_lookup(ifname=host_ifname)
-    if not found:
+    index = link_index(host_ifname)
+    if index is None:
         return False
     try:
-        ipr.link("del", index=found[0])
+        node_ipr().link("del", index=index)
     except NetlinkError as exc:
         if exc.code == errno.ENODEV:
             return False
@@ -210,10 +209,7 @@ def delete_host_link(host_ifname: str) -> bool:
 
 
 def host_link_index(host_ifname: str) -> int | None:
-    try:
-        return socket.if_nametoindex(host_ifname)
-    except OSError:
-        return None
+    return link_index(host_ifname)
 
 
 def list_host_links() -> dict[str, int]:
@@ -226,7 +222,7 @@ def list_host_links() -> dict[str, int]:
 def add_node_routes(host_ifname: str, addresses: list[IPAddress], ifindex: int | None = None) -> None:
     """Routes in the node's netns to the pod through its veth, so the node itself reaches pods."""
     ipr = node_ipr()
-    index = ifindex if ifindex is not None else ipr.link_lookup(ifname=host_ifname)[0]
+    index = ifindex if ifindex is not None else socket.if_nametoindex(host_ifname)
     for ip in addresses:
         try:
             ipr.route("replace", dst=f"{ip}/{ip.max_prefixlen}", oif=index, scope=253)
