@@ -149,3 +149,16 @@ def test_weft_observe_goes_through_the_relay(lab: Lab, pods: dict[str, PodInfo])
                           sorted(nodes)[0], "-o", "json", "--all", "--to-port", "7004"],
                          capture_output=True, text=True, timeout=60, check=True)
     assert {json.loads(line)["node_name"] for line in one.stdout.splitlines()} == {sorted(nodes)[0]}
+
+
+NODE_TCP_STATUS = r"""
+import grpc
+from weft.hubble.proto import observer_grpc, observer_pb2
+with grpc.insecure_channel("127.0.0.1:4244") as channel:
+    print(observer_grpc.ObserverStub(channel).ServerStatus(observer_pb2.ServerStatusRequest(), timeout=10).version)
+"""
+
+
+def test_each_node_serves_hubbles_port_in_its_namespace(lab: Lab) -> None:
+    for node in lab.load().nodes:
+        assert in_netns(node.netns, sys.executable, "-c", NODE_TCP_STATUS).stdout.startswith("weft")

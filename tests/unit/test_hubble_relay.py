@@ -166,3 +166,20 @@ def test_in_process_api_for_the_ui(cluster: Cluster) -> None:
     times = [convert.response_time_ns(f) for f in flows]
     assert times == sorted(times) and "verdict" in flows[-1]
     assert cluster.run(cluster.relay.node_names()) == ["n1", "n2", "gone"]
+
+
+def test_field_mask_and_experimental_filters(stub: Any) -> None:
+    request = observer_pb2.GetFlowsRequest(number=2)
+    request.field_mask.paths.extend(["source.pod_name", "verdict"])
+    masked = _flows(stub, request)
+    assert len(masked) == 2 and all(r.flow.source.pod_name and not r.flow.HasField("l4") for r in masked)
+    bad = observer_pb2.GetFlowsRequest()
+    bad.field_mask.paths.append("no_such_field")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GetFlows(bad, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no_such_field" in info.value.details()
+    cel = flow_pb2.FlowFilter()
+    cel.experimental.cel_expression.append("true")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.GetFlows(observer_pb2.GetFlowsRequest(whitelist=[cel]), timeout=10))
+    assert "'experimental'" in info.value.details()

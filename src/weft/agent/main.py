@@ -99,9 +99,12 @@ async def run(config: NodeConfig) -> None:
     hubble_address = f"unix://{hubble.hubble_socket(config.socket_path)}"
     observer = None
     try:
+        # And on Hubble's port in the node's network namespace, when free (as Cilium's agent).
+        skipped: list[str] = []
         observer = await hubble.serve(hubble.NodeObserver(config.node_name, manager.flows.ring, hubble_address),
-                                      [hubble_address])
-        log.info("Hubble Observer on %s", hubble_address)
+                                      [hubble_address], hubble.TCP_ADDRESSES, skipped)
+        log.info("Hubble Observer on %s", ", ".join(a for a in [hubble_address, *hubble.TCP_ADDRESSES]
+                                                     if a not in skipped))
     except OSError as exc:
         # An observer too: flows are still served over the agent socket.
         log.error("Hubble Observer not served on %s: %s", hubble_address, exc)

@@ -26,6 +26,8 @@ from weft.observe import flow as flows
 from weft.observe.ring import FlowRing
 
 FOLLOW_POLL_S = 0.1
+# Hubble's per-node port; the second is for a namespace without IPv6 (the first binds both).
+TCP_ADDRESSES = ["[::]:4244", "0.0.0.0:4244"]
 VERSION = f"weft {importlib.metadata.version('weft')}"
 
 
