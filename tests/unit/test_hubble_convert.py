@@ -123,3 +123,25 @@ def test_weft_filters_keep_their_meaning_over_hubble_filters(weft: FlowFilter) -
         lists = convert.lists_from_request(request)
         for flow in variants:
             assert lists.keep({"flow": flow}) == Filters(include, exclude).keep({"flow": flow}), (weft, flow)
+
+
+@pytest.mark.parametrize("flow", [
+    FLOW,
+    {**FLOW, "verdict": "FORWARDED", "trace_observation_point": "TO_ENDPOINT", "is_reply": True,
+     "l4": {"ICMPv6": {"type": 128}}, "event_type": {"type": 4, "sub_type": 0}, "policy_match_type": 1,
+     "ingress_allowed_by": [{"name": "allow", "kind": "NetworkPolicy", "namespace": "default"}]},
+    {**FLOW, "l4": {"UDP": {"source_port": 1, "destination_port": 53}}, "time": "2026-11-27T01:00:01Z"},
+    {**FLOW, "l4": {}, "source": {"identity": 1, "labels": ["reserved:host"]}},
+    {**FLOW, "l4": {"TCP": {"source_port": 1, "destination_port": 2, "flags": {}}}, "IP": {}, "interface": {}},
+])
+def test_the_direct_conversion_is_protojsons(flow: dict[str, Any]) -> None:
+    """The agent's fast path gives the message protojson would (it is what clients read)."""
+    from google.protobuf import json_format
+
+    reference = flow_pb2.Flow()
+    json_format.ParseDict(flow, reference, ignore_unknown_fields=True)
+    assert convert.flow_to_message(flow) == reference
+    response = {"flow": flow, "node_name": "n1", "time": flow["time"]}
+    expected = observer_pb2.GetFlowsResponse()
+    json_format.ParseDict(response, expected)
+    assert convert.response_to_message(response) == expected
