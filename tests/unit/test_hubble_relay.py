@@ -19,6 +19,8 @@ from weft.hubble.relay import Peer, Relay
 from weft.observe.flow import rfc3339
 from weft.observe.ring import FlowRing
 
+from labutil import wait_until
+
 T0 = 1_790_000_000_000_000_000
 
 
@@ -183,3 +185,57 @@ def test_field_mask_and_experimental_filters(stub: Any) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(stub.GetFlows(observer_pb2.GetFlowsRequest(whitelist=[cel]), timeout=10))
     assert "'experimental'" in info.value.details()
+
+
+class QueueSource:
+    """The agent's follower queues (weft.agent.flows.Subscription), fed by hand."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.subs: dict[str, Any] = {}
+
+    def subscribe(self, keep: Any, read_first: Any = None) -> tuple[str, Any, Any]:
+        from weft.agent.flows import Subscription
+
+        sub = Subscription(keep, self.capacity)
+        self.subs[str(len(self.subs))] = sub
+        return str(len(self.subs) - 1), sub, read_first() if read_first else None
+
+    def unsubscribe(self, sub_id: str) -> None:
+        self.subs.pop(sub_id, None)
+
+    def publish(self, responses: list[dict[str, Any]]) -> None:
+        for sub in list(self.subs.values()):
+            sub.offer(responses)
+
+
+def test_a_follower_with_a_queue_gets_its_overflow_as_lost_events(tmp_path: Path) -> None:
+    ring, source = FlowRing(100), QueueSource(capacity=5)
+    ring.append(_response("n1", 0, 80))
+    address = f"unix://{tmp_path}/q.sock"
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    node = asyncio.run_coroutine_threadsafe(
+        server.serve(server.NodeObserver("n1", ring, address, source), [address]), loop).result(10)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            call = observer_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(number=1, follow=True),
+                                                                timeout=20)
+            got = [next(call)]  # the ring's last flow: the follower is subscribed by now
+            source.publish([_response("n1", i, 80) for i in range(1, 9)])  # 8 into a queue of 5
+            while len(got) < 7:
+                got.append(next(call))
+            call.cancel()
+        kinds = [r.WhichOneof("response_types") for r in got]
+        assert kinds == ["flow", "flow", "flow", "flow", "flow", "flow", "lost_events"] or \
+            kinds == ["flow", "lost_events", "flow", "flow", "flow", "flow", "flow"]
+        lost = next(r for r in got if r.HasField("lost_events")).lost_events
+        assert lost.num_events_lost == 3 and lost.source == flow_pb2.HUBBLE_RING_BUFFER
+        assert [r.flow.l4.UDP.source_port for r in got if r.HasField("flow")] == [5000, 5001, 5002, 5003, 5004, 5005]
+        wait_until("the stream's end to unsubscribe", lambda: not source.subs, timeout=10)
+    finally:
+        asyncio.run_coroutine_threadsafe(node.stop(grace=0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()

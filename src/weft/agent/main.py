@@ -101,7 +101,8 @@ async def run(config: NodeConfig) -> None:
     try:
         # And on Hubble's port in the node's network namespace, when free (as Cilium's agent).
         skipped: list[str] = []
-        observer = await hubble.serve(hubble.NodeObserver(config.node_name, manager.flows.ring, hubble_address),
+        observer = await hubble.serve(hubble.NodeObserver(config.node_name, manager.flows.ring, hubble_address,
+                                                           manager.flows),
                                       [hubble_address], hubble.TCP_ADDRESSES, skipped)
         log.info("Hubble Observer on %s", ", ".join(a for a in [hubble_address, *hubble.TCP_ADDRESSES]
                                                      if a not in skipped))

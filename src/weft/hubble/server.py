@@ -16,16 +16,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from weft.hubble import convert
 from weft.hubble.proto import flow_pb2, observer_grpc, observer_pb2, relay_pb2
 from weft.observe import flow as flows
-from weft.observe.ring import FlowRing
+from weft.observe.ring import FlowRing, ReadResult
 
-FOLLOW_POLL_S = 0.1
+FOLLOW_POLL_S = 0.1  # a follower of a bare ring (no FlowSource): how often it looks
+FOLLOW_IDLE_S = 0.02  # a follower with a queue: how long it sleeps while the queue is empty
+FOLLOW_BATCH = 1000
 # Hubble's per-node port; the second is for a namespace without IPv6 (the first binds both).
 TCP_ADDRESSES = ["[::]:4244", "0.0.0.0:4244"]
 VERSION = f"weft {importlib.metadata.version('weft')}"
@@ -80,11 +82,28 @@ def window(request: Any) -> Window:
     return Window(keep, number if request.first else None, None if request.first else number, mask)
 
 
+class Follower(Protocol):
+    """A follower's queue (the agent's ``Subscription``)."""
+
+    def poll(self, max_items: int, timeout: float = 0.0) -> tuple[list[dict[str, Any]], int]: ...
+
+
+class FlowSource(Protocol):
+    """What feeds followers as flows are published (the agent's ``FlowObserver``): a queue per
+    follower, so a follower's pace is bounded by its queue, not by the ring."""
+
+    def subscribe(self, keep: Callable[[dict[str, Any]], bool],
+                  read_first: Callable[[], Any] | None = None) -> tuple[str, Follower, Any]: ...
+
+    def unsubscribe(self, sub_id: str) -> None: ...
+
+
 class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
-    def __init__(self, node_name: str, ring: FlowRing, address: str = "") -> None:
+    def __init__(self, node_name: str, ring: FlowRing, address: str = "", source: FlowSource | None = None) -> None:
         self.node_name = node_name
         self.ring = ring
         self.address = address
+        self.source = source  # None: followers poll the ring
         self.started_ns = time.monotonic_ns()
 
     async def GetFlows(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -93,7 +112,21 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
         except (convert.UnsupportedFilter, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        result = self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
+
+        def read_first() -> ReadResult:
+            return self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
+
+        if request.follow and self.source is not None:
+            sub_id, follower, result = self.source.subscribe(win.keep, read_first)
+            try:
+                for item in result.items:
+                    yield win.message(item)
+                async for item in self._drain(follower):
+                    yield win.message(item)
+            finally:
+                self.source.unsubscribe(sub_id)
+            return
+        result = read_first()
         for item in result.items:
             yield win.message(item)
         if not request.follow:
@@ -104,10 +137,23 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
             news = self.ring.read(after=cursor, keep=win.keep)
             cursor = news.cursor
             if news.missed:
-                yield convert.response_to_message(flows.lost_response(
-                    flows.LOST_FLOW_RING, news.missed, self.node_name, time.time_ns()))
+                yield win.message(flows.lost_response(flows.LOST_FLOW_RING, news.missed, self.node_name,
+                                                      time.time_ns()))
             for item in news.items:
                 yield win.message(item)
+
+    async def _drain(self, follower: Follower) -> AsyncIterator[dict[str, Any]]:
+        """A follower's queue, as it fills. Never blocks the event loop (the agent's API and
+        CNI requests share it): polls without waiting, sleeps while empty."""
+        while True:
+            items, lost = follower.poll(FOLLOW_BATCH)
+            if lost:
+                yield flows.lost_response(flows.LOST_FLOW_RING, lost, self.node_name, time.time_ns())
+            if not items:
+                await asyncio.sleep(FOLLOW_IDLE_S)
+                continue
+            for item in items:
+                yield item
 
     def status(self) -> Any:
         return observer_pb2.ServerStatusResponse(
