@@ -145,3 +145,18 @@ def test_the_direct_conversion_is_protojsons(flow: dict[str, Any]) -> None:
     expected = observer_pb2.GetFlowsResponse()
     json_format.ParseDict(response, expected)
     assert convert.response_to_message(response) == expected
+
+
+@pytest.mark.parametrize("flow", [
+    FLOW, {**FLOW, "time": "2026-11-27T01:00:01Z", "is_reply": True, "l4": {"ICMPv4": {"type": 8}}},
+    {**FLOW, "time": "2026-11-27T01:00:01.120Z", "l7": {"type": "RESPONSE", "latency_ns": 5,
+                                                        "dns": {"query": "a.example.", "ips": ["1.2.3.4"]}}},
+])
+def test_the_direct_decoding_is_protojsons(flow: dict[str, Any]) -> None:
+    from google.protobuf import json_format
+
+    message = convert.response_to_message({"flow": flow, "node_name": "n1", "time": flow["time"]})
+    assert convert.message_to_response(message) == json_format.MessageToDict(message, preserving_proto_field_name=True)
+    lost = convert.response_to_message({"lost_events": {"source": "PERF_EVENT_RING_BUFFER", "num_events_lost": 7}})
+    assert convert.message_to_response(lost) == {"lost_events": {"source": "PERF_EVENT_RING_BUFFER",
+                                                                 "num_events_lost": 7}}

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from weft.hubble.proto import flow_pb2, observer_pb2
 from weft.observe.filters import FilterError, Filters, FlowFilter
-from weft.observe.flow import EVENT_TYPE_NAMES, OBSERVATION_POINTS, parse_time
+from weft.observe.flow import EVENT_TYPE_NAMES, OBSERVATION_POINTS, parse_time, rfc3339
 
 Response = dict[str, Any]
 
@@ -144,8 +145,10 @@ def _set_time(target: Any, text: Any) -> None:
 
 
 def message_to_response(message: Any) -> Response:
-    """``observer.GetFlowsResponse`` -> weft's dict (as the agent keeps it: counts are ints)."""
-    out: Response = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    """``observer.GetFlowsResponse`` -> weft's dict (as the agent keeps it: counts are ints).
+    Field for field what protojson (proto names) writes, without its cost: ``weft observe``
+    converts every flow it prints."""
+    out = _message_dict(message)
     lost = out.get("lost_events")
     if lost is not None and "num_events_lost" in lost:
         lost["num_events_lost"] = int(lost["num_events_lost"])  # protojson writes uint64 as a string
@@ -153,8 +156,59 @@ def message_to_response(message: Any) -> Response:
 
 
 def message_to_flow(message: Any) -> dict[str, Any]:
-    out: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _message_dict(message)
+
+
+_WRAPPERS = {"google.protobuf.BoolValue", "google.protobuf.UInt32Value", "google.protobuf.Int32Value",
+             "google.protobuf.StringValue"}
+_WIDE = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+         FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for descriptor, value in message.ListFields():
+        if descriptor.is_repeated:
+            out[descriptor.name] = [_field_value(descriptor, v) for v in value]
+        else:
+            out[descriptor.name] = _field_value(descriptor, value)
     return out
+
+
+def _field_value(descriptor: Any, value: Any) -> Any:
+    kind = descriptor.type
+    if kind == FieldDescriptor.TYPE_MESSAGE:
+        full_name = descriptor.message_type.full_name
+        if full_name == "google.protobuf.Timestamp":
+            return _timestamp_text(value.seconds, value.nanos)
+        if full_name in _WRAPPERS:
+            return value.value
+        return _message_dict(value)
+    if kind == FieldDescriptor.TYPE_ENUM:
+        named = descriptor.enum_type.values_by_number.get(value)
+        return named.name if named is not None else value
+    if kind in _WIDE:
+        return str(value)
+    return value
+
+
+_text_cache: tuple[int, str] = (-1, "")
+
+
+def _timestamp_text(seconds: int, nanos: int) -> str:
+    """As protojson writes a Timestamp: 0, 3, 6 or 9 fraction digits."""
+    global _text_cache
+    cached_seconds, head = _text_cache
+    if cached_seconds != seconds:
+        head = rfc3339(seconds * 1_000_000_000)[:19]
+        _text_cache = (seconds, head)
+    if nanos == 0:
+        return head + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{head}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{head}.{nanos // 1_000:06d}Z"
+    return f"{head}.{nanos:09d}Z"
 
 
 def response_time_ns(response: Mapping[str, Any]) -> int:
