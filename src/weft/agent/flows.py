@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -117,6 +118,8 @@ class FlowObserver:
         self._subscriptions: dict[str, Subscription] = {}
         self._publish_lock = threading.Lock()
         self._ring: libbpf.RingBuffer | None = None
+        # Flows made by other threads (the DNS proxy's L7 records), published by the reader thread.
+        self._injected: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -150,6 +153,7 @@ class FlowObserver:
                 assert self._ring is not None
                 self._ring.poll(POLL_MS)
                 self._flush()
+                self._publish_injected()
                 now = time.monotonic()
                 if now >= next_lost_check:
                     self._check_kernel_loss()
@@ -181,6 +185,18 @@ class FlowObserver:
             self.events += 1
             out.extend(flows.to_responses(event, int(event.ts_ns) + offset, enrichment))
         self._publish(out)
+
+    def inject(self, responses: list[dict[str, Any]]) -> None:
+        """Flows from another source (any thread): the reader thread publishes them within a poll."""
+        if responses:
+            self._injected.put(responses)
+
+    def _publish_injected(self) -> None:
+        while True:
+            try:
+                self._publish(self._injected.get_nowait())
+            except queue.Empty:
+                return
 
     def _publish(self, responses: list[dict[str, Any]]) -> None:
         if not responses:

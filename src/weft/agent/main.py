@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from weft.agent.config import NodeConfig
+from weft.agent.dnsflows import DnsFlowFollower
 from weft.agent.endpoints import EndpointManager
 from weft.agent.metrics import MetricsServer
 from weft.agent.server import ApiServer
 from weft.datapath.loader import NodeDatapath, default_object_path
+from weft.dnsproxy.config import default_socket_path
 from weft.hubble import server as hubble
 
 log = logging.getLogger("weft.agent")
@@ -78,6 +80,12 @@ async def run(config: NodeConfig) -> None:
     manager = await loop.run_in_executor(worker, EndpointManager, config, datapath)
     metrics = MetricsServer(manager, worker)  # before the flow reader: it counts every flow
     manager.flows.start()
+    dns_flows = None
+    if config.dns_proxy.enabled:
+        # The proxy's L7 DNS records join the node's flows (and so the DNS metrics).
+        dns_flows = DnsFlowFollower(manager.flows, config.dns_proxy.socket_path
+                                    or default_socket_path(config.state_dir), config.state_dir)
+        dns_flows.start()
     report = await loop.run_in_executor(worker, manager.reconcile)
     log.info("start-up reconcile: %s", report)
     drained = await loop.run_in_executor(worker, drain_del_queue, manager, config.del_queue_dir)
@@ -139,6 +147,8 @@ async def run(config: NodeConfig) -> None:
         await observer.stop(grace=1.0)
     metrics.stop()
     worker.shutdown(wait=True)
+    if dns_flows is not None:
+        dns_flows.stop()
     manager.flows.stop()
 
 

@@ -49,6 +49,11 @@ OTHER = "other"
 SNAPSHOT_TIMEOUT_S = 10.0  # a scrape waits this long for the worker (a reconcile may hold it)
 
 # Hubble's flow type label ("Trace", "Drop", "PolicyVerdict") by monitor event type.
+# Hubble's rcode label values (its dns metrics' names for the DNS rcodes).
+DNS_RCODE_NAMES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
+                   4: "Not Implemented", 5: "Query Refused", 6: "Name Exists when it should not",
+                   7: "RR Set Exists when it should not", 8: "RR Set that should exist does not",
+                   9: "Server Not Authoritative for zone", 10: "Name not contained in zone"}
 FLOW_TYPE_NAMES = {flows.EVENT_TRACE: "Trace", flows.EVENT_DROP: "Drop", flows.EVENT_POLICY_VERDICT: "PolicyVerdict",
                    flows.EVENT_L7: "L7"}
 # Which side of an endpoint a datapath counter is on: traffic leaving a pod is EGRESS, traffic
@@ -126,6 +131,10 @@ class FlowMetrics:
     processed: Counter[tuple[str, ...]] = field(default_factory=Counter)  # type, subtype, verdict, protocol, src, dst
     drops: Counter[tuple[str, ...]] = field(default_factory=Counter)  # reason, protocol, src, dst
     tcp_flags: Counter[tuple[str, ...]] = field(default_factory=Counter)  # flag, family
+    # Hubble's dns handler, from L7 DNS flows: rcode, qtypes, ips_returned, src, dst / type, qtypes, src, dst
+    dns_queries: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    dns_responses: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    dns_response_types: Counter[tuple[str, ...]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def observe(self, responses: Iterable[Mapping[str, Any]]) -> None:
@@ -142,10 +151,15 @@ class FlowMetrics:
         point = flow.get("trace_observation_point")
         if type_name == "Trace" and point in flows.OBSERVATION_POINTS:
             subtype = flows.OBSERVATION_POINTS[point][1]
+        dns = (flow.get("l7") or {}).get("dns") if type_name == "L7" else None
+        if dns is not None:
+            subtype = "DNS"
         protocol = _protocol(flow.get("l4") or {})
         source, destination = _context(flow.get("source")), _context(flow.get("destination"))
         verdict = str(flow.get("verdict", ""))
         self._add(self.processed, (type_name, subtype, verdict, protocol), (source, destination))
+        if dns is not None:
+            self._count_dns(flow, dns, verdict, (source, destination))
         if type_name == "PolicyVerdict":
             return  # the same packet's trace or drop flow carries the drop and the flags
         if verdict == "DROPPED":
@@ -156,6 +170,26 @@ class FlowMetrics:
             family = str((flow.get("IP") or {}).get("ipVersion", ""))
             for flag in _tcp_flag_names(tcp.get("flags") or {}):
                 self.tcp_flags[(flag, family)] += 1
+
+    def _count_dns(self, flow: Mapping[str, Any], dns: Mapping[str, Any], verdict: str,
+                   context: tuple[str, str]) -> None:
+        """As Hubble's dns handler: a denied query is a query with rcode "Policy denied", a request
+        a query without rcode, a reply a response with its rcode's name (and its record types)."""
+        qtypes = ",".join(dns.get("qtypes") or [])
+        ips_returned = str(len(dns.get("ips") or []))
+        if verdict == "DROPPED":
+            self._add(self.dns_queries, ("Policy denied", qtypes, ips_returned), context)
+        elif not flow.get("is_reply"):
+            self._add(self.dns_queries, ("", qtypes, ips_returned), context)
+        else:
+            rcode = int(dns.get("rcode", 0))
+            self._add(self.dns_responses, (DNS_RCODE_NAMES.get(rcode, str(rcode)), qtypes, ips_returned), context)
+            for rrtype in dns.get("rrtypes") or []:
+                self._add(self.dns_response_types, (str(rrtype), qtypes), context)
+
+    def dns_copy(self) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
+        with self._lock:
+            return dict(self.dns_queries), dict(self.dns_responses), dict(self.dns_response_types)
 
     def _add(self, counter: Counter[tuple[str, ...]], key: tuple[str, ...], context: tuple[str, str]) -> None:
         full = (*key, *context)
@@ -280,6 +314,23 @@ class WeftCollector(Collector):
         for source, count in sorted((snap.flow_status.get("lost") or {}).items()):
             lost_family.add_metric([str(source)], int(count))
         yield from (processed_family, drop_family, flag_family, lost_family)
+        yield from self._dns_flows()
+
+    def _dns_flows(self) -> Iterator[Metric]:
+        """Hubble's DNS series (``dns:sourceContext=pod;destinationContext=pod``), from the L7 DNS flows."""
+        queries, responses, types = self.flow_metrics.dns_copy()
+        context = ["source", "destination"]
+        for name, help_text, labels, counts in (
+                ("hubble_dns_queries", "Number of DNS queries observed", ["rcode", "qtypes", "ips_returned"],
+                 queries),
+                ("hubble_dns_responses", "Number of DNS responses observed", ["rcode", "qtypes", "ips_returned"],
+                 responses),
+                ("hubble_dns_response_types", "Number of DNS response records observed, by type",
+                 ["type", "qtypes"], types)):
+            family = CounterMetricFamily(name, help_text, labels=[*labels, *context])
+            for key, value in sorted(counts.items()):
+                family.add_metric(list(key), value)
+            yield family
 
     def _health(self, snap: AgentSnapshot) -> Iterator[Metric]:
         pressure = GaugeMetricFamily("weft_map_pressure", "Fill ratio of each datapath map (entries / max)",
@@ -308,17 +359,12 @@ class WeftCollector(Collector):
         if report.status is None:
             return
         counters: Mapping[str, int] = report.status.get("counters") or {}
-        queries = CounterMetricFamily("hubble_dns_queries", "DNS queries the proxy received, by transport",
+        # hubble_dns_queries/responses come from the L7 DNS flows (_dns_flows); by transport here.
+        queries = CounterMetricFamily("weft_dns_queries", "DNS queries the proxy received, by transport",
                                       labels=["protocol"])
         queries.add_metric(["UDP"], counters.get("queries_udp", 0))
         queries.add_metric(["TCP"], counters.get("queries_tcp", 0))
         yield queries
-        responses = CounterMetricFamily("hubble_dns_responses", "DNS responses the proxy released, by rcode "
-                                        "(upstream answers are counted as relayed)", labels=["rcode"])
-        responses.add_metric(["relayed"], counters.get("responses", 0))
-        responses.add_metric([report.deny_rcode], counters.get("denied", 0))
-        responses.add_metric(["SERVFAIL"], counters.get("servfail_sent", 0))
-        yield responses
         errors = CounterMetricFamily("weft_dns_errors", "DNS errors the proxy answered pods with, by rcode",
                                      labels=["rcode"])
         errors.add_metric([report.deny_rcode], counters.get("denied", 0))

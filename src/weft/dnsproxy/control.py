@@ -3,7 +3,8 @@
 A request is ``{"method": ..., "params": {...}}`` on one line; the answer is ``{"result": ...}`` or
 ``{"error": {"code": ..., "msg": ...}}`` on one line. The socket is created 0600 and every peer's
 uid is checked (SO_PEERCRED) to be root. Methods: ``ping``, ``status``, ``cache_list``, ``names``,
-``reload``, and ``handover`` (a new proxy process taking the listening sockets over, see
+``reload``, ``l7.get`` (the L7 DNS records after a cursor, see :mod:`weft.dnsproxy.l7ring`), and
+``handover`` (a new proxy process taking the listening sockets over, see
 :mod:`weft.dnsproxy.server`). :class:`ProxyClient` is the synchronous client for the CLI and the agent.
 """
 
@@ -251,6 +252,12 @@ class ProxyClient:
 
     def names(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("names")
+        return result
+
+    def l7_get(self, cursor: int, max_items: int = 1024) -> dict[str, Any]:
+        """``{"records": [...], "next": cursor to ask for next, "missed": records overwritten
+        before they were read, "first": oldest seq kept}``; cursor 0 starts at the oldest."""
+        result: dict[str, Any] = self.call("l7.get", {"cursor": cursor, "max": max_items})
         return result
 
 

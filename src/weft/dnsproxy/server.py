@@ -45,6 +45,7 @@ from weft.datapath import abi
 from weft.dnsproxy import control
 from weft.dnsproxy.config import DnsProxySettings, ProxyRules, default_socket_path, rules_path
 from weft.dnsproxy.dpmaps import ProxyMaps, Slots, ct_alive, ct_pair, packed
+from weft.dnsproxy.l7ring import REQUEST, RESPONSE, VERDICT_DROPPED, VERDICT_FORWARDED, L7Ring
 from weft.dnsproxy.rules import CompiledEndpoint, CompiledRules, RulesError, merge_slots
 from weft.dnsproxy.wire import (
     RCODE_NXDOMAIN,
@@ -265,6 +266,7 @@ class DnsProxy:
         self.denied_log = RateLimitedLog()
         self.drop_log = RateLimitedLog()
         self.handed_over_from = 0
+        self.l7 = L7Ring()  # L7 DNS records for the agent's flows (see weft.dnsproxy.l7ring)
 
     # ================================================================== start-up
     def load_rules(self) -> dict[str, Any]:
@@ -445,14 +447,20 @@ class DnsProxy:
             self.denied_log.warning("query for %s from unknown source %s refused", query.qname, peer[0])
             self._reply_udp(orig, peer, v6, error_response(query, RCODE_REFUSED))
             return
+        wall_ns = time.time_ns()
         if not self.maps.is_open:
             # Without the maps nothing can be learned or decided: the datapath is not loaded.
             self._note(endpoint, query.qname, False, "SERVFAIL")
-            self._reply_udp(orig, peer, v6, self._servfail(query))
+            servfail = self._servfail(query)
+            self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, proto, VERDICT_FORWARDED)
+            self._l7(wall_ns, RESPONSE, endpoint, query, peer, orig, proto, VERDICT_FORWARDED, 0, servfail)
+            self._reply_udp(orig, peer, v6, servfail)
             return
         peer_identity = self.maps.peer(orig[0]).identity
         if not endpoint.allows(peer_identity, proto, orig[1], query.qname):
             counters["denied"] += 1
+            # As Cilium's proxy: a denied query is one L7 REQUEST record with verdict DROPPED.
+            self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, proto, VERDICT_DROPPED)
             rcode = rcode_text(self.deny_rcode)
             self._note(endpoint, query.qname, False, rcode)
             self.denied_log.warning("denied %s %s from %s (%s) to %s:%d (identity %d): %s", query.qtype_text,
@@ -460,6 +468,7 @@ class DnsProxy:
             self._reply_udp(orig, peer, v6, error_response(query, self.deny_rcode))
             return
         counters["allowed"] += 1
+        self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, proto, VERDICT_FORWARDED)
         if len(self.pending) >= self.settings.max_pending:
             # Overload: the upstream is not keeping up. Dropped (the pod's resolver retries), as
             # Cilium's DNS proxy concurrency limit does, and counted: memory stays bounded.
@@ -484,7 +493,9 @@ class DnsProxy:
             self.counters["upstream_errors"] += 1
             self.drop_log.warning("forwarding %s to %s:%d failed: %s", query.qname, orig[0], orig[1], exc)
             self._note(endpoint, query.qname, True, "SERVFAIL")
-            self._reply_udp(orig, peer, v6, self._servfail(query))
+            servfail = self._servfail(query)
+            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_UDP, VERDICT_FORWARDED, 0, servfail)
+            self._reply_udp(orig, peer, v6, servfail)
             return
         self.counters["forwarded"] += 1
         now = time.monotonic()
@@ -518,7 +529,16 @@ class DnsProxy:
     def _answer(self, pending: Pending, data: bytes) -> None:
         """Learn from the response, then release it to the pod (UDP)."""
         out = self._learn_from(pending.endpoint, pending.query, data)
+        latency_ns = int((time.monotonic() - pending.started) * 1e9)
+        self._l7(time.time_ns(), RESPONSE, pending.endpoint, pending.query, pending.client, pending.orig, PROTO_UDP,
+                 VERDICT_FORWARDED, latency_ns, out)
         self._reply_udp(pending.orig, pending.client, pending.v6, out)
+
+    def _l7(self, wall_ns: int, kind: int, endpoint: CompiledEndpoint, query: WireQuery, client: tuple[Any, ...],
+            orig: tuple[str, int], proto: int, verdict: str, latency_ns: int = 0, wire: bytes = b"") -> None:
+        """One L7 record: a tuple appended to the ring, nothing parsed or built here."""
+        self.l7.add(wall_ns, kind, endpoint.ep_id, endpoint.pod, client, orig, proto, query.qname, query.qtype_text,
+                    verdict, latency_ns, wire)
 
     def _learn_from(self, endpoint: CompiledEndpoint, query: WireQuery, data: bytes) -> bytes:
         """The bytes to send to the pod for upstream response ``data``: the response with the
@@ -947,14 +967,28 @@ class DnsProxy:
             return error_response(query, RCODE_REFUSED), upstream
         if not self.maps.is_open:
             return self._servfail(query), upstream
+        wall_ns = time.time_ns()
         peer_identity = self.maps.peer(orig[0]).identity
         if not endpoint.allows(peer_identity, PROTO_TCP, orig[1], query.qname):
             counters["denied"] += 1
+            self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, PROTO_TCP, VERDICT_DROPPED)
             self._note(endpoint, query.qname, False, rcode_text(self.deny_rcode))
             self.denied_log.warning("denied %s %s over TCP from %s (%s) to %s:%d (identity %d)", query.qtype_text,
                                     query.qname, peer[0], endpoint.pod, orig[0], orig[1], peer_identity)
             return error_response(query, self.deny_rcode), upstream
         counters["allowed"] += 1
+        self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, PROTO_TCP, VERDICT_FORWARDED)
+        started = time.monotonic()
+        answer, upstream = await self._tcp_forward(data, query, endpoint, peer, orig, upstream)
+        if answer is not None:
+            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_TCP, VERDICT_FORWARDED,
+                     int((time.monotonic() - started) * 1e9), answer)
+        return answer, upstream
+
+    async def _tcp_forward(self, data: bytes, query: WireQuery, endpoint: CompiledEndpoint, peer: tuple[Any, ...],
+                           orig: tuple[str, int], upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+                           ) -> tuple[bytes | None, tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
+        counters = self.counters
         timeout = self.settings.upstream_timeout_s
         try:
             if upstream is None:
@@ -1062,7 +1096,17 @@ class DnsProxy:
                 raise control.ControlError(control.BAD_REQUEST, str(result["error"]))
             return result
 
-        return {"ping": ping, "status": status, "cache_list": cache_list, "names": names, "reload": reload}
+        async def l7_get(params: dict[str, Any]) -> Any:
+            cursor, max_items = params.get("cursor", 0), params.get("max", 1024)
+            if not isinstance(cursor, int) or not isinstance(max_items, int) or isinstance(cursor, bool):
+                raise control.ControlError(control.BAD_REQUEST, "l7.get: cursor and max must be integers")
+            try:
+                return self.l7.read(cursor, max_items)
+            except ValueError as exc:
+                raise control.ControlError(control.BAD_REQUEST, f"l7.get: {exc}") from exc
+
+        return {"ping": ping, "status": status, "cache_list": cache_list, "names": names, "reload": reload,
+                "l7.get": l7_get}
 
     # ------------------------------------------------------------------ hand-over and stop
     async def _handover(self, conn: socket.socket, params: dict[str, Any]) -> None:

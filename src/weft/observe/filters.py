@@ -145,6 +145,8 @@ class FlowFilter:
             (self.ip, lambda: _ip_match(self.ip, _ip(flow, "source")) or _ip_match(self.ip, _ip(flow, "destination"))),
             (self.from_ip, lambda: _ip_match(self.from_ip, _ip(flow, "source"))),
             (self.to_ip, lambda: _ip_match(self.to_ip, _ip(flow, "destination"))),
+            # As Hubble: FQDN filters match the names an address was resolved from (source_names,
+            # destination_names), never an L7 DNS flow's query (Hubble has dns_query for that).
             (self.fqdn, lambda: _fqdn_match(self.fqdn, flow.get("source_names"))
              or _fqdn_match(self.fqdn, flow.get("destination_names"))),
             (self.from_fqdn, lambda: _fqdn_match(self.from_fqdn, flow.get("source_names"))),
@@ -359,7 +361,7 @@ def _protocol_match(value: str, flow: Mapping[str, Any]) -> bool:
     l4 = flow.get("l4") or {}
     want = value.lower()
     if want == "dns":
-        # The DNS proxy's packets (redirected) and DNS answers seen by it (L7, later).
+        # The DNS proxy's packets (redirected) and its L7 DNS flows (queries and answers).
         return "dns" in (flow.get("l7") or {}) or (flow.get("verdict") == "REDIRECTED"
                                                    and _port(flow, "destination_port") == "53")
     if want == "icmp":

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
-from weft.observe.flow import EVENT_DROP, EVENT_POLICY_VERDICT, OBSERVATION_POINTS, parse_time
+from weft.observe.flow import EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, OBSERVATION_POINTS, parse_time
 
 
 class OutputFormat(StrEnum):
@@ -70,6 +70,12 @@ def _kind(flow: Mapping[str, Any]) -> str:
     if etype == EVENT_POLICY_VERDICT:
         match = "L3-L4" if flow.get("verdict") != "DROPPED" else "none"
         return f"policy-verdict:{match} {direction}"
+    if etype == EVENT_L7:
+        # hubble: "<protocol>-<request|response>", then where the L7 record was observed.
+        l7 = flow.get("l7") or {}
+        protocol = next((k for k in ("dns", "http", "kafka") if k in l7), "l7")
+        source = str((l7.get(protocol) or {}).get("observation_source", "")) if protocol == "dns" else ""
+        return f"{protocol}-{str(l7.get('type', '')).lower()}" + (f" {source}" if source else "")
     if etype == EVENT_DROP:
         return str(flow.get("drop_reason_desc", "DROPPED")).replace("_", " ").capitalize()
     point = str(flow.get("trace_observation_point", ""))
