@@ -1,4 +1,5 @@
-"""Fixtures shared by the CNI plugin tests (test_cni_plugin.py, test_cni_native.py)."""
+"""Fixtures shared by the CNI plugin tests (test_cni_plugin.py, test_cni_native.py), imported by
+name: a conftest.py here would shadow tests/privileged/conftest.py, which tests import from."""
 
 from __future__ import annotations
 

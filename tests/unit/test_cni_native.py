@@ -20,6 +20,7 @@ import pytest
 from weft.cni.launcher import default_src_dir, native_launcher_path, write_launcher
 
 try:  # tests/unit is not a package: pytest puts this directory on sys.path
+    from cni_fixtures import netns, sockdir  # noqa: F401 (pytest fixtures, used by name)
     from test_cni_plugin import netconf, prev_result, run
 
     from fake_agent import FakeAgent

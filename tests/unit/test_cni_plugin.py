@@ -27,6 +27,8 @@ from weft.cni import plugin as cni
 from weft.cni.launcher import PYTHON, default_src_dir, write_launcher
 
 try:  # tests/unit is not a package: pytest puts this directory on sys.path
+    from cni_fixtures import netns, sockdir  # noqa: F401 (pytest fixtures, used by name)
+
     from fake_agent import CANONICAL_RESULT, FakeAgent
 except ImportError:  # pragma: no cover - if tests/unit ever becomes a package
     from .fake_agent import CANONICAL_RESULT, FakeAgent
