@@ -354,10 +354,12 @@ class Lab:
 
     def start_relay(self) -> int:
         """The lab's Hubble relay (``weft relay``): one Observer merging every node's. The default
-        lab also takes Hubble Relay's TCP port (127.0.0.1:4245); other labs use the socket only."""
-        listen = "127.0.0.1:4245" if self.name == "weft" else ""
+        lab also takes Hubble Relay's TCP port (127.0.0.1:4245) and serves the web UI (the live
+        service map) on hubble-ui's 127.0.0.1:12000; other labs use the socket only."""
+        default = self.name == "weft"
         log_path = self.base / "relay.log"
-        proc = self._spawn([sys.executable, "-m", "weft.hubble.relay", "--lab", self.name, "--listen", listen],
+        proc = self._spawn([sys.executable, "-m", "weft.hubble.relay", "--lab", self.name,
+                            "--listen", "127.0.0.1:4245" if default else "", "--ui-port", "12000" if default else "0"],
                            log_path)
 
         def ready() -> bool:
