@@ -83,6 +83,7 @@ class DnsFlowFollower:
         missed = int(page.get("missed", 0))
         if missed:
             self.missed += missed
+            self.observer.injected_lost += missed  # in the agent's lost counts (status, hubble_lost_events)
             out.append(flows.lost_response(flows.LOST_AGENT_QUEUE, missed, enrichment.node_name, now))
         for record in page.get("records") or []:
             try:

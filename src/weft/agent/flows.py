@@ -120,6 +120,7 @@ class FlowObserver:
         self._ring: libbpf.RingBuffer | None = None
         # Flows made by other threads (the DNS proxy's L7 records), published by the reader thread.
         self._injected: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
+        self.injected_lost = 0  # records such a source lost before this agent read them
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -323,7 +324,8 @@ class FlowObserver:
             "events": self.events,
             "ring": {"capacity": self.ring.capacity, "stored": len(self.ring), "total": self.ring.total},
             # Lost events per source, as Hubble names them.
-            "lost": {flows.LOST_KERNEL_RING: self.kernel_lost_total, flows.LOST_AGENT_QUEUE: self.unreadable},
+            "lost": {flows.LOST_KERNEL_RING: self.kernel_lost_total,
+                     flows.LOST_AGENT_QUEUE: self.unreadable + self.injected_lost},
             "log": None if self.flow_log is None else {
                 "path": str(self.flow_log.settings.path), "written": self.flow_log.written,
                 "rotations": self.flow_log.rotations},
