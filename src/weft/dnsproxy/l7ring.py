@@ -18,6 +18,9 @@ from typing import Any
 from weft.dnsproxy.wire import parse_wire_response, rcode_of
 
 L7_RING_SIZE = 8192
+# Response bytes the ring may hold (a TCP answer can be 64 KiB): past it the oldest records go,
+# so the proxy's memory stays bounded whatever the answers' sizes.
+L7_RING_BYTES = 4 << 20
 L7_PAGE_MAX = 1024
 REQUEST, RESPONSE = 0, 1
 VERDICT_FORWARDED, VERDICT_DROPPED, VERDICT_ERROR = "FORWARDED", "DROPPED", "ERROR"
@@ -28,10 +31,13 @@ Record = tuple[int, int, int, int, str, str, int, str, int, int, str, str, str, 
 
 
 class L7Ring:
-    def __init__(self, size: int = L7_RING_SIZE) -> None:
-        if size < 1:
-            raise ValueError(f"L7 ring size must be at least 1, got {size}")
-        self.records: collections.deque[Record] = collections.deque(maxlen=size)
+    def __init__(self, size: int = L7_RING_SIZE, max_bytes: int = L7_RING_BYTES) -> None:
+        if size < 1 or max_bytes < 1:
+            raise ValueError(f"L7 ring size and byte budget must be at least 1, got {size} and {max_bytes}")
+        self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # response bytes held
+        self.records: collections.deque[Record] = collections.deque()
         self.next_seq = 1
         # Tells this process's sequence numbers from another's (a reader's cursor is for one epoch).
         self.epoch = time.time_ns()
@@ -40,8 +46,12 @@ class L7Ring:
             proto: int, qname: str, qtype: str, verdict: str, latency_ns: int = 0, wire: bytes = b"") -> None:
         seq = self.next_seq
         self.next_seq = seq + 1
-        self.records.append((seq, wall_ns, kind, ep_id, pod, str(src[0]), int(src[1]), dst[0], dst[1], proto,
-                             qname, qtype, verdict, latency_ns, wire))
+        records = self.records
+        records.append((seq, wall_ns, kind, ep_id, pod, str(src[0]), int(src[1]), dst[0], dst[1], proto,
+                        qname, qtype, verdict, latency_ns, wire))
+        self.bytes += len(wire)
+        while len(records) > self.size or (self.bytes > self.max_bytes and len(records) > 1):
+            self.bytes -= len(records.popleft()[14])
 
     def read(self, cursor: int, max_items: int = L7_PAGE_MAX) -> dict[str, Any]:
         """Records with seq >= ``cursor`` (at most ``max_items``), the cursor to ask for next and

@@ -1041,6 +1041,8 @@ class DnsProxy:
             "orphan_entries": len(self.orphans),
             "pending": len(self.pending),
             "tcp_clients": len(self.tcp_clients),
+            "l7": {"records": len(self.l7.records), "next_seq": self.l7.next_seq, "bytes": self.l7.bytes,
+                   "epoch": self.l7.epoch},
             "handed_over_from": self.handed_over_from,
             "counters": dict(self.counters),
             "malformed": {c: self.counters["malformed_" + c] for c in CATEGORIES},

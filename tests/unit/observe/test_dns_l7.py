@@ -77,6 +77,14 @@ def test_ring_cursor_follows_and_reports_what_was_overwritten() -> None:
         ring.read(-1)
 
 
+def test_ring_bounds_the_response_bytes_it_holds() -> None:
+    ring = L7Ring(size=100, max_bytes=1000)
+    for i in range(10):
+        ring.add(i, RESPONSE, 3, "p", CLIENT, SERVER, 6, "big.", "A", VERDICT_FORWARDED, 1, b"x" * 300)
+    assert len(ring.records) == 3 and ring.bytes == 900
+    assert ring.read(1)["missed"] == 7
+
+
 def test_response_record_carries_answers_ttl_and_types() -> None:
     ring = L7Ring()
     ring.add(5, RESPONSE, 3, "p", CLIENT, SERVER, 6, "www.example.com.", "A", VERDICT_FORWARDED, 7,
