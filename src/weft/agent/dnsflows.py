@@ -4,7 +4,8 @@ L7 flows, to the node's :class:`~weft.agent.flows.FlowObserver`.
 The proxy keeps its records in a ring of its own, so it never waits for the agent; this thread
 asks for what came after its cursor. The cursor is kept in the state directory with the proxy
 ring's epoch: a restarted agent resumes where the last one stopped (records the proxy still holds
-are not lost, none is shown twice), and a new proxy process (another epoch) is read from its start.
+are not lost), and a new proxy process (another epoch) is read from its start. The cursor is saved
+after a page is handed over, so an agent killed in between shows that page again (at least once).
 Records overwritten before they were read are reported as lost events of source
 ``OBSERVER_EVENTS_QUEUE``: the ring sits where Hubble's observer events queue sits for Cilium's
 proxy access logs (between the L7 proxy and the flow parser), which is what that source counts.
