@@ -49,11 +49,6 @@ OTHER = "other"
 SNAPSHOT_TIMEOUT_S = 10.0  # a scrape waits this long for the worker (a reconcile may hold it)
 
 # Hubble's flow type label ("Trace", "Drop", "PolicyVerdict") by monitor event type.
-# Hubble's rcode label values (its dns metrics' names for the DNS rcodes).
-DNS_RCODE_NAMES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain",
-                   4: "Not Implemented", 5: "Query Refused", 6: "Name Exists when it should not",
-                   7: "RR Set Exists when it should not", 8: "RR Set that should exist does not",
-                   9: "Server Not Authoritative for zone", 10: "Name not contained in zone"}
 FLOW_TYPE_NAMES = {flows.EVENT_TRACE: "Trace", flows.EVENT_DROP: "Drop", flows.EVENT_POLICY_VERDICT: "PolicyVerdict",
                    flows.EVENT_L7: "L7"}
 # Which side of an endpoint a datapath counter is on: traffic leaving a pod is EGRESS, traffic
@@ -183,7 +178,7 @@ class FlowMetrics:
             self._add(self.dns_queries, ("", qtypes, ips_returned), context)
         else:
             rcode = int(dns.get("rcode", 0))
-            self._add(self.dns_responses, (DNS_RCODE_NAMES.get(rcode, str(rcode)), qtypes, ips_returned), context)
+            self._add(self.dns_responses, (flows.rcode_name(rcode), qtypes, ips_returned), context)
             for rrtype in dns.get("rrtypes") or []:
                 self._add(self.dns_response_types, (str(rrtype), qtypes), context)
 

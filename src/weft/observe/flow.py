@@ -270,25 +270,36 @@ def lost_response(source: str, count: int, node_name: str, wall_ns: int) -> Resp
 
 
 def _dns_summary(l7_type: str, dns: Mapping[str, Any]) -> str:
-    """Hubble's summary of a DNS flow: ``DNS Query q. A`` or ``DNS Answer "ip,ip" TTL: n (Proxy q. A)``."""
+    """Hubble's summary of a DNS flow: ``DNS Query q. A``, ``DNS Answer "ip,ip" TTL: n (Proxy q. A)``,
+    ``DNS Answer RCode: Query Refused TTL: 0 (Proxy q. A)``."""
     qtypes = ",".join(dns.get("qtypes") or [])
     if l7_type == "REQUEST":
         return f"DNS Query {dns.get('query', '')} {qtypes}"
     rcode = int(dns.get("rcode", 0))
     if rcode:
-        answer = f"RCode: {RCODE_TEXT.get(rcode, str(rcode))}"
+        answer = f"RCode: {rcode_name(rcode)}"
     else:
-        answer = '"' + ",".join(dns.get("ips") or []) + '"'
+        parts = []
+        if dns.get("ips"):
+            parts.append('"' + ",".join(dns["ips"]) + '"')
         if dns.get("cnames"):
-            answer += " CNAMEs: " + ",".join(dns["cnames"])
-        answer += f" TTL: {int(dns.get('ttl', 0))}"
+            parts.append('CNAMEs: "' + ",".join(dns["cnames"]) + '"')
+        answer = " ".join(parts)
     source = "Proxy" if dns.get("observation_source") == "proxy" else "Query"
-    return f"DNS Answer {answer} ({source} {dns.get('query', '')} {qtypes})"
+    return f"DNS Answer {answer} TTL: {int(dns.get('ttl', 0))} ({source} {dns.get('query', '')} {qtypes})"
 
 
-# DNS rcodes by number, as miekg/dns (Hubble's summaries) names them.
-RCODE_TEXT = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 6: "YXDOMAIN",
-              7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
+# DNS rcodes by number as Hubble names them (gopacket's names: its summaries and its dns metrics' rcode label).
+RCODE_NAMES = {0: "No Error", 1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain", 4: "Not Implemented",
+               5: "Query Refused", 6: "Name Exists when it should not", 7: "RR Set Exists when it should not",
+               8: "RR Set that should exist does not", 9: "Server Not Authoritative for zone",
+               10: "Name not contained in zone", 16: "Bad OPT Version", 17: "Key not recognized",
+               18: "Signature out of time window", 19: "Bad TKEY Mode", 20: "Duplicate key name",
+               21: "Algorithm not supported", 22: "Bad Truncation", 23: "Bad/missing Server Cookie"}
+
+
+def rcode_name(rcode: int) -> str:
+    return RCODE_NAMES.get(rcode, f"Unknown response code {rcode}")
 
 
 def l7_dns_response(record: Mapping[str, Any], enrich: Enrichment) -> Response:
@@ -350,10 +361,8 @@ def l7_dns_response(record: Mapping[str, Any], enrich: Enrichment) -> Response:
         "is_reply": reply,
         "Summary": _dns_summary(l7_type, dns),
     }
-    if verdict == "DROPPED":
-        # Cilium's proxy reports a denied query as an L7 flow with verdict DROPPED and no drop
-        # reason number (the L7 event carries none); the policy decision is named here for people.
-        flow["drop_reason_desc"] = "POLICY_DENIED"
+    # A denied query: verdict DROPPED and no drop reason (DROP_REASON_UNKNOWN, which protojson
+    # omits), as Hubble decodes Cilium's proxy's access log record of it.
     pod_key = f"{pod_view.namespace}/{pod_view.pod_name}" if pod_view else ""
     names = enrich.names_of(pod_key, server_ip)
     if names:

@@ -117,6 +117,7 @@ def test_records_become_hubble_l7_flows() -> None:
     assert response["l7"]["dns"]["ips"] == ["198.51.100.10"] and response["l7"]["dns"]["ttl"] == 2
     assert response["l7"]["dns"]["rrtypes"] == ["A"] and "rcode" not in response["l7"]["dns"]  # 0 is omitted
     assert denied["verdict"] == "DROPPED" and denied["l7"]["type"] == "REQUEST"
+    assert "drop_reason_desc" not in denied  # as Hubble's L7 parser: DROP_REASON_UNKNOWN
     with pytest.raises(flows.UnknownRecord, match="type"):
         flows.l7_dns_response({**filled_ring().read(0)["records"][0], "type": "BOTH"}, ENRICH)
     with pytest.raises(flows.UnknownRecord, match="source"):
@@ -131,6 +132,14 @@ def test_compact_and_table_output_like_hubble() -> None:
     assert compact_line(response).endswith(
         "default/client:41508 (ID:300) <- kube-system/coredns:53 (ID:900) dns-response proxy FORWARDED "
         '(DNS Answer "198.51.100.10" TTL: 2 (Proxy app1.example.com. A))')
+    refused = flows.l7_dns_response({**filled_ring().read(0)["records"][1],
+                                     "dns": {"query": "x.", "qtypes": ["A"], "rcode": 5,
+                                             "observation_source": "proxy"}}, ENRICH)
+    assert refused["flow"]["Summary"] == "DNS Answer RCode: Query Refused TTL: 0 (Proxy x. A)"
+    cname = flows.l7_dns_response({**filled_ring().read(0)["records"][1],
+                                   "dns": {"query": "www.", "qtypes": ["A"], "ips": ["192.0.2.1"], "ttl": 5,
+                                           "cnames": ["a.", "b."], "observation_source": "proxy"}}, ENRICH)
+    assert cname["flow"]["Summary"] == 'DNS Answer "192.0.2.1" CNAMEs: "a.,b." TTL: 5 (Proxy www. A)'
     assert "dns-request proxy DROPPED (DNS Query evil.example.org. A)" in compact_line(denied)
     assert table_rows([response])[0][4:] == ("dns-response proxy", "FORWARDED",
                                              'DNS Answer "198.51.100.10" TTL: 2 (Proxy app1.example.com. A)')
