@@ -48,8 +48,8 @@ def genai(lab: Lab) -> Iterator[PodInfo]:
         lab.pod_del(pod.key)
 
 
-def dig(lab: Lab, pod: PodInfo, name: str) -> str:
-    out = subprocess.run(lab.exec_argv(pod.key, ["dig", "+tries=1", "+time=2", name, "A"]), capture_output=True,
+def dig(lab: Lab, pod: PodInfo, name: str, *extra: str) -> str:
+    out = subprocess.run(lab.exec_argv(pod.key, ["dig", "+tries=1", "+time=2", *extra, name, "A"]), capture_output=True,
                          text=True, timeout=30, check=False).stdout
     return next((line.split("status: ")[1].split(",")[0] for line in out.splitlines() if "status: " in line),
                 "TIMEOUT")
@@ -86,6 +86,19 @@ def test_allowed_and_refused_queries_become_l7_flows(lab: Lab, genai: PodInfo) -
     assert response["l7"]["dns"]["ips"] == [APP1_V4] and response["l7"]["dns"]["observation_source"] == "proxy"
     assert int(response["l7"]["latency_ns"]) > 0
     assert {f["verdict"] for f in refused} == {"DROPPED"} and refused[0]["l7"]["type"] == "REQUEST"
+    # Over TCP too: the same records, on TCP ports.
+    assert dig(lab, genai, "www.myblobstorage.com", "+tcp") == "NOERROR"
+    over_tcp: list[dict[str, Any]] = []
+
+    def tcp_seen() -> bool:
+        over_tcp[:] = [f for f in dns_flows(lab, genai, "www.myblobstorage.com.") if "TCP" in f["l4"]]
+        return len(over_tcp) >= 2
+
+    wait_until("L7 DNS flows of a TCP query", tcp_seen, timeout=10, interval=0.2)
+    tcp_answer = next(f for f in over_tcp if f["l7"]["type"] == "RESPONSE")
+    assert tcp_answer["l4"]["TCP"]["source_port"] == 53 and tcp_answer["l7"]["dns"]["ips"] == [APP1_V4]
+    assert tcp_answer["l7"]["dns"]["cnames"] == ["app1.myblobstorage.com."]
+    assert tcp_answer["l7"]["dns"]["rrtypes"] == ["CNAME", "A"]
 
     # weft observe --protocol dns shows them as hubble observe does.
     out = subprocess.run([sys.executable, "-m", "weft.cli.main", "observe", "--lab", lab.name, "--all",

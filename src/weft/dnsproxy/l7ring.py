@@ -1,5 +1,8 @@
 """The DNS proxy's L7 records: one per query as it arrives (REQUEST) and one when its answer,
 REFUSED or SERVFAIL is released (RESPONSE), kept in a bounded ring with sequence numbers.
+Verdicts as Cilium's proxy reports them: FORWARDED; DROPPED for a query the policy denies (one
+REQUEST record, no RESPONSE); ERROR for a SERVFAIL the proxy made itself (upstream unreachable,
+unusable answer, datapath not updated). A query that times out upstream has its REQUEST only.
 
 The proxy only appends a tuple per record (no dict, no parsing: the query path stays fast); a
 reader (the agent, over the control socket's ``l7.get``) gets them as JSON objects built at read

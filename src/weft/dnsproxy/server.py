@@ -45,7 +45,7 @@ from weft.datapath import abi
 from weft.dnsproxy import control
 from weft.dnsproxy.config import DnsProxySettings, ProxyRules, default_socket_path, rules_path
 from weft.dnsproxy.dpmaps import ProxyMaps, Slots, ct_alive, ct_pair, packed
-from weft.dnsproxy.l7ring import REQUEST, RESPONSE, VERDICT_DROPPED, VERDICT_FORWARDED, L7Ring
+from weft.dnsproxy.l7ring import REQUEST, RESPONSE, VERDICT_DROPPED, VERDICT_ERROR, VERDICT_FORWARDED, L7Ring
 from weft.dnsproxy.rules import CompiledEndpoint, CompiledRules, RulesError, merge_slots
 from weft.dnsproxy.wire import (
     RCODE_NXDOMAIN,
@@ -453,7 +453,7 @@ class DnsProxy:
             self._note(endpoint, query.qname, False, "SERVFAIL")
             servfail = self._servfail(query)
             self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, proto, VERDICT_FORWARDED)
-            self._l7(wall_ns, RESPONSE, endpoint, query, peer, orig, proto, VERDICT_FORWARDED, 0, servfail)
+            self._l7(wall_ns, RESPONSE, endpoint, query, peer, orig, proto, VERDICT_ERROR, 0, servfail)
             self._reply_udp(orig, peer, v6, servfail)
             return
         peer_identity = self.maps.peer(orig[0]).identity
@@ -494,7 +494,7 @@ class DnsProxy:
             self.drop_log.warning("forwarding %s to %s:%d failed: %s", query.qname, orig[0], orig[1], exc)
             self._note(endpoint, query.qname, True, "SERVFAIL")
             servfail = self._servfail(query)
-            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_UDP, VERDICT_FORWARDED, 0, servfail)
+            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_UDP, VERDICT_ERROR, 0, servfail)
             self._reply_udp(orig, peer, v6, servfail)
             return
         self.counters["forwarded"] += 1
@@ -528,10 +528,13 @@ class DnsProxy:
 
     def _answer(self, pending: Pending, data: bytes) -> None:
         """Learn from the response, then release it to the pod (UDP)."""
+        servfails = self.counters["servfail_sent"]
         out = self._learn_from(pending.endpoint, pending.query, data)
         latency_ns = int((time.monotonic() - pending.started) * 1e9)
+        # A SERVFAIL of our own (unusable answer, datapath not updated) is an error, as Cilium reports it.
+        verdict = VERDICT_ERROR if self.counters["servfail_sent"] != servfails else VERDICT_FORWARDED
         self._l7(time.time_ns(), RESPONSE, pending.endpoint, pending.query, pending.client, pending.orig, PROTO_UDP,
-                 VERDICT_FORWARDED, latency_ns, out)
+                 verdict, latency_ns, out)
         self._reply_udp(pending.orig, pending.client, pending.v6, out)
 
     def _l7(self, wall_ns: int, kind: int, endpoint: CompiledEndpoint, query: WireQuery, client: tuple[Any, ...],
@@ -978,18 +981,20 @@ class DnsProxy:
             return error_response(query, self.deny_rcode), upstream
         counters["allowed"] += 1
         self._l7(wall_ns, REQUEST, endpoint, query, peer, orig, PROTO_TCP, VERDICT_FORWARDED)
-        started = time.monotonic()
-        answer, upstream = await self._tcp_forward(data, query, endpoint, peer, orig, upstream)
-        if answer is not None:
-            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_TCP, VERDICT_FORWARDED,
-                     int((time.monotonic() - started) * 1e9), answer)
-        return answer, upstream
+        return await self._tcp_forward(data, query, endpoint, peer, orig, upstream)
 
     async def _tcp_forward(self, data: bytes, query: WireQuery, endpoint: CompiledEndpoint, peer: tuple[Any, ...],
                            orig: tuple[str, int], upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
                            ) -> tuple[bytes | None, tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]:
         counters = self.counters
         timeout = self.settings.upstream_timeout_s
+        started = time.monotonic()
+
+        def released(answer: bytes, verdict: str) -> bytes:
+            self._l7(time.time_ns(), RESPONSE, endpoint, query, peer, orig, PROTO_TCP, verdict,
+                     int((time.monotonic() - started) * 1e9), answer)
+            return answer
+
         try:
             if upstream is None:
                 upstream = await asyncio.wait_for(asyncio.open_connection(orig[0], orig[1]), timeout)
@@ -1015,12 +1020,15 @@ class DnsProxy:
             self._note(endpoint, query.qname, True, "SERVFAIL")
             if upstream is not None:
                 upstream[1].close()
-            return self._servfail(query), None
+            return released(self._servfail(query), VERDICT_ERROR), None
         if len(answer) < 12 or answer[:2] != data[:2] or not same_question(query, answer):
             counters["upstream_unmatched"] += 1
             upstream[1].close()
-            return self._servfail(query), None
-        return self._learn_from(endpoint, query, answer), upstream
+            return released(self._servfail(query), VERDICT_ERROR), None
+        servfails = counters["servfail_sent"]
+        out = self._learn_from(endpoint, query, answer)
+        # A SERVFAIL of our own (unusable answer, datapath not updated) is an error, as Cilium reports it.
+        return released(out, VERDICT_ERROR if counters["servfail_sent"] != servfails else VERDICT_FORWARDED), upstream
 
     # ------------------------------------------------------------------ control API
     def status(self) -> dict[str, Any]:
