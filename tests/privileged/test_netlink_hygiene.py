@@ -37,3 +37,25 @@ def test_link_operations_leave_nothing_in_the_node_socket() -> None:
         assert out.stdout.strip() == "0", f"{out.stdout.strip()} unread messages left in the node's netlink socket"
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+RECYCLE = r"""
+from weft.datapath import netlink
+first = netlink.node_ipr()
+netlink.recycle_node_ipr()
+assert netlink.node_ipr() is first, "not yet due: kept"
+for _ in range(netlink.RECYCLE_AFTER):
+    netlink.node_ipr()
+netlink.recycle_node_ipr()
+second = netlink.node_ipr()
+assert second is not first, "due: replaced"
+assert second.link("get", index=1)[0]["index"] == 1, "the new socket works"
+print("ok")
+"""
+
+
+def test_the_node_socket_is_replaced_after_its_quota_of_callers() -> None:
+    """pyroute2 keeps request objects for the life of a socket: the agent replaces its sockets
+    between requests once they have served RECYCLE_AFTER callers (at most that much is kept)."""
+    out = subprocess.run([sys.executable, "-c", RECYCLE], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -39,6 +39,7 @@ from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, 
 from weft.cni import plugin as cni_plugin
 from weft.datapath import veth
 from weft.datapath.loader import EndpointEntry, NodeDatapath
+from weft.datapath.netlink import recycle_node_ipr
 from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
 from weft.dnsproxy.control import ProxyCallError, ProxyClient, ProxyUnavailable
 from weft.ipam.pool import PoolExhausted, default_pools, gateway_of
@@ -459,7 +460,7 @@ class EndpointManager:
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {
-            "cni.add": self.cni_add, "cni.del": self.cni_del, "cni.check": self.cni_check,
+            "cni.add": _recycling(self.cni_add), "cni.del": _recycling(self.cni_del), "cni.check": self.cni_check,
             "cni.status": self.cni_status, "cni.gc": self.cni_gc, "cni.exec": self.cni_exec, "pod.set": self.pod_set,
             "namespace.set": self.namespace_set,
             "policy.apply": self.policy.apply, "policy.delete": self.policy.delete,
@@ -532,3 +533,14 @@ def _require(p: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise AgentError(INVALID_ENV, f"request lacks {name}")
     return value
+
+
+def _recycling(handler: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """Run a CNI handler, then let the worker's netlink socket be replaced if it is due: the end
+    of a request is a point where nothing holds it (see weft.datapath.netlink.recycle_node_ipr)."""
+    def run(p: dict[str, Any]) -> Any:
+        try:
+            return handler(p)
+        finally:
+            recycle_node_ipr()
+    return run

@@ -16,9 +16,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -26,6 +27,9 @@ from weft.datapath import abi, libbpf
 from weft.datapath.maps import BpfHashMap, PerCpuArray
 from weft.datapath.netlink import link_index, node_ipr
 from weft.types.addresses import IPAddress, IPNetwork
+
+T = TypeVar("T")
+V = TypeVar("V", bound=ctypes.Structure)
 
 PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev")
 MAPS = ("weft_endpoints", "weft_lxc", "weft_metrics", "weft_policy", "weft_ipcache", "weft_ct", "weft_fqdn",
@@ -470,29 +474,12 @@ class NodeDatapath:
 
     def ipcache(self) -> dict[IPNetwork, int]:
         _, ipcache, _ = self._policy_maps()
-        current: dict[IPNetwork, int] = {}
-        for key, value in ipcache.items():
-            raw = bytes(key.addr)
-            plen = int(key.prefixlen) - 32
-            net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
-                              else ipaddress.IPv6Network((raw, plen)))
-            current[net] = int(value.identity)
-        return current
+        return {_lpm_network(key): int(value.identity) for key, value in ipcache.items()}
 
     def sync_ipcache(self, desired: dict[IPNetwork, int]) -> dict[str, int]:
         """Prefix -> identity for peers that are not local endpoints; only changes are written."""
         _, ipcache, _ = self._policy_maps()
-        current = self.ipcache()
-        written = deleted = 0
-        for net, identity in desired.items():
-            if current.get(net) != identity:
-                ipcache[abi.IpcacheKey.of(net)] = abi.IpcacheValue(identity=identity)
-                written += 1
-        for net in current:
-            if net not in desired:
-                ipcache.delete(abi.IpcacheKey.of(net))
-                deleted += 1
-        return {"written": written, "deleted": deleted}
+        return _sync_lpm(ipcache, self.ipcache(), desired, lambda identity: abi.IpcacheValue(identity=identity))
 
     def update_ipcache(self, upsert: Mapping[IPNetwork, int], remove: Iterable[IPNetwork] = ()) -> None:
         """Write ``upsert`` and delete ``remove`` (absent ones are no error): for a caller that
@@ -512,30 +499,14 @@ class NodeDatapath:
 
     def tunnels(self) -> dict[IPNetwork, NodeRoute]:
         """Other nodes' pod prefixes -> how they are reached (weft_tunnel)."""
-        out: dict[IPNetwork, NodeRoute] = {}
-        for key, value in self._tunnel_map().items():
-            raw = bytes(key.addr)
-            plen = int(key.prefixlen) - 32
-            net: IPNetwork = (ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4
-                              else ipaddress.IPv6Network((raw, plen)))
-            out[net] = NodeRoute(int(value.ifindex), value.address(), int(value.mode))
-        return out
+        return {_lpm_network(key): NodeRoute(int(value.ifindex), value.address(), int(value.mode))
+                for key, value in self._tunnel_map().items()}
 
     def sync_tunnels(self, desired: Mapping[IPNetwork, NodeRoute]) -> dict[str, int]:
         """Bring weft_tunnel to ``desired`` (another node's pod prefix -> its route), writing
         only what changed; a node that left loses its prefixes here."""
-        tunnel = self._tunnel_map()
-        current = self.tunnels()
-        written = deleted = 0
-        for net, route in desired.items():
-            if current.get(net) != route:
-                tunnel[abi.IpcacheKey.of(net)] = abi.TunnelValue.of(route.ifindex, route.address, route.mode)
-                written += 1
-        for net in current:
-            if net not in desired:
-                tunnel.delete(abi.IpcacheKey.of(net))
-                deleted += 1
-        return {"written": written, "deleted": deleted}
+        return _sync_lpm(self._tunnel_map(), self.tunnels(), desired,
+                         lambda route: abi.TunnelValue.of(route.ifindex, route.address, route.mode))
 
     def conntrack(self) -> list[ConntrackEntry]:
         _, _, ct = self._policy_maps()
@@ -594,6 +565,28 @@ class NodeDatapath:
         self._policy_cache = {}
         self._prog_fds = {}
         self._by_ifindex = {}
+
+
+def _lpm_network(key: abi.IpcacheKey) -> IPNetwork:
+    """The prefix an LPM key (weft_ipcache, weft_tunnel) stands for."""
+    raw = bytes(key.addr)
+    plen = int(key.prefixlen) - 32
+    return ipaddress.IPv4Network((raw[:4], plen)) if key.family == abi.FAMILY_V4 else ipaddress.IPv6Network((raw, plen))
+
+
+def _sync_lpm(bpf_map: BpfHashMap[abi.IpcacheKey, V], current: Mapping[IPNetwork, T], desired: Mapping[IPNetwork, T],
+              value_of: Callable[[T], V]) -> dict[str, int]:
+    """Write the prefixes whose value differs from ``current``, delete those not desired."""
+    written = deleted = 0
+    for net, want in desired.items():
+        if current.get(net) != want:
+            bpf_map[abi.IpcacheKey.of(net)] = value_of(want)
+            written += 1
+    for net in current:
+        if net not in desired:
+            bpf_map.delete(abi.IpcacheKey.of(net))
+            deleted += 1
+    return {"written": written, "deleted": deleted}
 
 
 def _counters(metrics: PerCpuArray[abi.MetricValue]) -> dict[str, tuple[int, int]]:

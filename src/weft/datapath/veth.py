@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
-from weft.datapath.netlink import link_index, node_ipr
+from weft.datapath.netlink import link_index, node_ipr, recycle_node_ipr
 from weft.types.addresses import IPAddress
 
 log = logging.getLogger("weft.datapath.veth")
@@ -319,6 +319,7 @@ class LinkReaper:
             except Exception as exc:  # the link may vanish with its netns at any moment
                 log.warning("deleting %s: %s", name, exc)
             finally:
+                recycle_node_ipr()
                 with self._lock:
                     event = self._pending.pop(name, None)
                 if event is not None:
