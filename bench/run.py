@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "policy_scale": ["policy_scale.weft_10k_vs_10", "policy_scale.vs_iptables_10k", "policy_scale.vs_nft_10k",
                      "policy_scale.apply_p99_ms", "policy_scale.memory"],
     "dns_proxy": ["dns_proxy.added_p99_ms", "dns_proxy.qps", "dns_proxy.memory", "dns_proxy.lookup_connect"],
+    "observe": ["observe.events_lossless", "observe.throughput", "observe.aggregated_lossless",
+                "observe.ring_memory_mib"],
 }
 TARGET_TEXT = {
     "cni_rate": "ADD+DEL pairs/s >= 1.0x bridge+host-local",
@@ -47,6 +49,10 @@ TARGET_TEXT = {
     "dns_proxy.qps": ">= 20,000 q/s per node through the DNS proxy",
     "dns_proxy.memory": "DNS proxy memory < 100 MiB under load",
     "dns_proxy.lookup_connect": "no SYN dropped right after a lookup",
+    "observe.events_lossless": "every drop event reaches weft observe up to 100,000 events/s",
+    "observe.throughput": "TCP with observability on >= 0.95x off",
+    "observe.aggregated_lossless": "aggregated traffic observed without a lost event",
+    "observe.ring_memory_mib": "a full flow ring (4,095 flows) < 32 MiB",
 }
 
 
