@@ -57,37 +57,32 @@ class Subscription:
         self.capacity = capacity
         self.items: deque[dict[str, Any]] = deque()
         self.lost = 0
-        self.closed = False
         self.last_poll = time.monotonic()
-        self._ready = threading.Condition()
+        self._lock = threading.Lock()
 
     def offer(self, responses: list[dict[str, Any]]) -> None:
         kept = [r for r in responses if self.keep(r)]
         if not kept:
             return
-        with self._ready:
-            room = self.capacity - len(self.items)
+        with self._lock:
+            room = max(self.capacity - len(self.items), 0)
             if room < len(kept):
-                self.lost += len(kept) - max(room, 0)
-                kept = kept[:max(room, 0)]
+                self.lost += len(kept) - room
+                kept = kept[:room]
             self.items.extend(kept)
-            self._ready.notify_all()
 
-    def poll(self, max_items: int, timeout: float = 0.0) -> tuple[list[dict[str, Any]], int]:
-        """Up to ``max_items`` queued flows (waiting up to ``timeout`` for the first) and the
-        number lost since the last poll."""
-        with self._ready:
+    def poll(self, max_items: int) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``max_items`` queued flows and the number lost since the last poll (never waits:
+        its callers run on threads and loops that other work shares)."""
+        with self._lock:
             self.last_poll = time.monotonic()
-            if not self.items and timeout > 0 and not self.closed:
-                self._ready.wait(timeout)
             out = [self.items.popleft() for _ in range(min(max_items, len(self.items)))]
             lost, self.lost = self.lost, 0
             return out, lost
 
-    def close(self) -> None:
-        with self._ready:
-            self.closed = True
-            self._ready.notify_all()
+    def idle(self, now: float) -> bool:
+        """Not polled for SUBSCRIPTION_IDLE_S: its follower is gone without unsubscribing."""
+        return now - self.last_poll > SUBSCRIPTION_IDLE_S
 
 
 def wall_offset_ns() -> int:
@@ -204,8 +199,13 @@ class FlowObserver:
             return
         with self._publish_lock:
             self.ring.extend(responses)
-            for sub in self._subscriptions.values():
-                sub.offer(responses)
+            now = time.monotonic()
+            for sub_id, sub in list(self._subscriptions.items()):
+                if sub.idle(now):
+                    # An abandoned queue would fill to its capacity and be offered every flow.
+                    del self._subscriptions[sub_id]
+                else:
+                    sub.offer(responses)
         if self.on_publish is not None:
             self.on_publish(responses)
         if self.flow_log is not None:
@@ -303,19 +303,12 @@ class FlowObserver:
         sub_id = uuid.uuid4().hex
         with self._publish_lock:
             first = read_first() if read_first is not None else None
-            now = time.monotonic()
-            for old_id, old in list(self._subscriptions.items()):
-                if old.closed or now - old.last_poll > SUBSCRIPTION_IDLE_S:
-                    old.close()
-                    del self._subscriptions[old_id]
             self._subscriptions[sub_id] = sub
         return sub_id, sub, first
 
     def unsubscribe(self, sub_id: str) -> None:
         with self._publish_lock:
-            sub = self._subscriptions.pop(sub_id, None)
-        if sub is not None:
-            sub.close()
+            self._subscriptions.pop(sub_id, None)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -85,7 +85,7 @@ def window(request: Any) -> Window:
 class Follower(Protocol):
     """A follower's queue (the agent's ``Subscription``)."""
 
-    def poll(self, max_items: int, timeout: float = 0.0) -> tuple[list[dict[str, Any]], int]: ...
+    def poll(self, max_items: int) -> tuple[list[dict[str, Any]], int]: ...
 
 
 class FlowSource(Protocol):
