@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 from google.protobuf import json_format
@@ -309,8 +310,12 @@ class _SideIdentity(FlowFilter):
         endpoint = flow.get(self.side) or {}
         if str(endpoint.get("identity", "")) not in self.identity:
             return False
-        others = {f.name: getattr(self, f.name) for f in fields(FlowFilter) if f.name != "identity"}
-        return FlowFilter(**others).matches(flow)
+        return self._others.matches(flow)
+
+    @cached_property
+    def _others(self) -> FlowFilter:
+        """The same filter without its identity values (made once: it is asked for every flow)."""
+        return FlowFilter(**{f.name: getattr(self, f.name) for f in fields(FlowFilter) if f.name != "identity"})
 
 
 def _as_kwargs(made: FlowFilter) -> dict[str, tuple[str, ...]]:

@@ -15,6 +15,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 from weft.observe.flow import ALL_VERDICTS, EVENT_TYPE_NAMES, OBSERVATION_POINTS
@@ -132,42 +133,100 @@ class FlowFilter:
     # ------------------------------------------------------------------ matching
     def matches(self, flow: Mapping[str, Any]) -> bool:
         src, dst = flow.get("source") or {}, flow.get("destination") or {}
-        checks: tuple[tuple[tuple[str, ...], Callable[[], bool]], ...] = (
-            (self.pod, lambda: _any(self.pod, lambda v: _pod_match(v, src) or _pod_match(v, dst))),
-            (self.from_pod, lambda: _any(self.from_pod, lambda v: _pod_match(v, src))),
-            (self.to_pod, lambda: _any(self.to_pod, lambda v: _pod_match(v, dst))),
-            (self.namespace, lambda: _any(self.namespace, lambda v: v in (src.get("namespace"), dst.get("namespace")))),
-            (self.from_namespace, lambda: src.get("namespace") in self.from_namespace),
-            (self.to_namespace, lambda: dst.get("namespace") in self.to_namespace),
-            (self.label, lambda: _any(self.label, lambda v: _labels_match(v, src) or _labels_match(v, dst))),
-            (self.from_label, lambda: _any(self.from_label, lambda v: _labels_match(v, src))),
-            (self.to_label, lambda: _any(self.to_label, lambda v: _labels_match(v, dst))),
-            (self.ip, lambda: _ip_match(self.ip, _ip(flow, "source")) or _ip_match(self.ip, _ip(flow, "destination"))),
-            (self.from_ip, lambda: _ip_match(self.from_ip, _ip(flow, "source"))),
-            (self.to_ip, lambda: _ip_match(self.to_ip, _ip(flow, "destination"))),
-            # As Hubble: FQDN filters match the names an address was resolved from (source_names,
-            # destination_names), never an L7 DNS flow's query (Hubble has dns_query for that).
-            (self.fqdn, lambda: _fqdn_match(self.fqdn, flow.get("source_names"))
-             or _fqdn_match(self.fqdn, flow.get("destination_names"))),
-            (self.from_fqdn, lambda: _fqdn_match(self.from_fqdn, flow.get("source_names"))),
-            (self.to_fqdn, lambda: _fqdn_match(self.to_fqdn, flow.get("destination_names"))),
-            (self.port, lambda: _port(flow, "source_port") in self.port
-             or _port(flow, "destination_port") in self.port),
-            (self.from_port, lambda: _port(flow, "source_port") in self.from_port),
-            (self.to_port, lambda: _port(flow, "destination_port") in self.to_port),
-            (self.protocol, lambda: _any(self.protocol, lambda v: _protocol_match(v, flow))),
-            (self.verdict, lambda: str(flow.get("verdict", "")) in {v.upper() for v in self.verdict}),
-            (self.drop_reason_desc, lambda: str(flow.get("drop_reason_desc", "")).upper()
-             in {v.upper() for v in self.drop_reason_desc}),
-            (self.type, lambda: _any(self.type, lambda v: _type_match(v, flow))),
-            (self.traffic_direction, lambda: str(flow.get("traffic_direction", "")).lower()
-             in {v.lower() for v in self.traffic_direction}),
-            (self.identity, lambda: str(src.get("identity", "")) in self.identity
-             or str(dst.get("identity", "")) in self.identity),
-            (self.node_name, lambda: _any(self.node_name, lambda v: fnmatch.fnmatchcase(
-                str(flow.get("node_name", "")), v))),
-        )
-        return all(check() for values, check in checks if values)
+        for check in self._checks:  # noqa: SIM110 (a plain loop: no generator object per flow)
+            if not check(flow, src, dst):
+                return False
+        return True
+
+    @cached_property
+    def _checks(self) -> tuple[_Check, ...]:
+        """One check per non-empty flag, its values parsed once: a follower's filter runs on
+        every flow the node publishes (hundreds of thousands a second under load)."""
+        checks: list[_Check] = []
+        if self.pod:
+            pods = self.pod
+            checks.append(lambda f, s, d: any(_pod_match(v, s) or _pod_match(v, d) for v in pods))
+        if self.from_pod:
+            from_pods = self.from_pod
+            checks.append(lambda f, s, d: any(_pod_match(v, s) for v in from_pods))
+        if self.to_pod:
+            to_pods = self.to_pod
+            checks.append(lambda f, s, d: any(_pod_match(v, d) for v in to_pods))
+        if self.namespace:
+            namespaces = self.namespace
+            checks.append(lambda f, s, d: any(v in (s.get("namespace"), d.get("namespace")) for v in namespaces))
+        if self.from_namespace:
+            from_namespaces = self.from_namespace
+            checks.append(lambda f, s, d: s.get("namespace") in from_namespaces)
+        if self.to_namespace:
+            to_namespaces = self.to_namespace
+            checks.append(lambda f, s, d: d.get("namespace") in to_namespaces)
+        if self.label:
+            labels = [_parse_selector(v) for v in self.label]
+            checks.append(lambda f, s, d: any(_terms_match(t, s) or _terms_match(t, d) for t in labels))
+        if self.from_label:
+            from_labels = [_parse_selector(v) for v in self.from_label]
+            checks.append(lambda f, s, d: any(_terms_match(t, s) for t in from_labels))
+        if self.to_label:
+            to_labels = [_parse_selector(v) for v in self.to_label]
+            checks.append(lambda f, s, d: any(_terms_match(t, d) for t in to_labels))
+        if self.ip:
+            ips = _networks(self.ip)
+            checks.append(lambda f, s, d: _in_networks(ips, _ip(f, "source"))
+                          or _in_networks(ips, _ip(f, "destination")))
+        if self.from_ip:
+            from_ips = _networks(self.from_ip)
+            checks.append(lambda f, s, d: _in_networks(from_ips, _ip(f, "source")))
+        if self.to_ip:
+            to_ips = _networks(self.to_ip)
+            checks.append(lambda f, s, d: _in_networks(to_ips, _ip(f, "destination")))
+        # As Hubble: FQDN filters match the names an address was resolved from (source_names,
+        # destination_names), never an L7 DNS flow's query (Hubble has dns_query for that).
+        if self.fqdn:
+            fqdns = self.fqdn
+            checks.append(lambda f, s, d: _fqdn_match(fqdns, f.get("source_names"))
+                          or _fqdn_match(fqdns, f.get("destination_names")))
+        if self.from_fqdn:
+            from_fqdns = self.from_fqdn
+            checks.append(lambda f, s, d: _fqdn_match(from_fqdns, f.get("source_names")))
+        if self.to_fqdn:
+            to_fqdns = self.to_fqdn
+            checks.append(lambda f, s, d: _fqdn_match(to_fqdns, f.get("destination_names")))
+        if self.port:
+            ports = self.port
+            checks.append(lambda f, s, d: _port(f, "source_port") in ports or _port(f, "destination_port") in ports)
+        if self.from_port:
+            from_ports = self.from_port
+            checks.append(lambda f, s, d: _port(f, "source_port") in from_ports)
+        if self.to_port:
+            to_ports = self.to_port
+            checks.append(lambda f, s, d: _port(f, "destination_port") in to_ports)
+        if self.protocol:
+            protocols = self.protocol
+            checks.append(lambda f, s, d: any(_protocol_match(v, f) for v in protocols))
+        if self.verdict:
+            verdicts = {v.upper() for v in self.verdict}
+            checks.append(lambda f, s, d: str(f.get("verdict", "")) in verdicts)
+        if self.drop_reason_desc:
+            reasons = {v.upper() for v in self.drop_reason_desc}
+            checks.append(lambda f, s, d: str(f.get("drop_reason_desc", "")).upper() in reasons)
+        if self.type:
+            types = [_parse_type(v) for v in self.type]
+            checks.append(lambda f, s, d: _type_in(types, f))
+        if self.traffic_direction:
+            directions = {v.lower() for v in self.traffic_direction}
+            checks.append(lambda f, s, d: str(f.get("traffic_direction", "")).lower() in directions)
+        if self.identity:
+            identities = self.identity
+            checks.append(lambda f, s, d: str(s.get("identity", "")) in identities
+                          or str(d.get("identity", "")) in identities)
+        if self.node_name:
+            node_names = self.node_name
+            checks.append(lambda f, s, d: any(fnmatch.fnmatchcase(str(f.get("node_name", "")), v) for v in node_names))
+        return tuple(checks)
+
+
+_Check = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -264,10 +323,6 @@ def merge(a: FlowFilter, **extra: Sequence[str]) -> FlowFilter:
 
 
 # ---------------------------------------------------------------------- helpers
-def _any(values: Iterable[str], pred: Callable[[str], bool]) -> bool:
-    return any(pred(v) for v in values)
-
-
 def _pod_match(value: str, endpoint: Mapping[str, Any]) -> bool:
     """``ns/prefix`` or ``prefix`` (namespace default), as hubble's pod filters: the pod name
     is matched as a prefix (a Deployment's pods share one)."""
@@ -307,9 +362,9 @@ def _label_map(endpoint: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _labels_match(selector: str, endpoint: Mapping[str, Any]) -> bool:
+def _terms_match(terms: list[tuple[bool, str, str | None, bool]], endpoint: Mapping[str, Any]) -> bool:
     labels = _label_map(endpoint)
-    for negated_key, key, value, negated_value in _parse_selector(selector):
+    for negated_key, key, value, negated_value in terms:
         if negated_key:
             if key in labels:
                 return False
@@ -328,15 +383,15 @@ def _ip(flow: Mapping[str, Any], side: str) -> str:
     return str((flow.get("IP") or {}).get(side, ""))
 
 
-def _ip_match(values: Iterable[str], address: str) -> bool:
+def _networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def _in_networks(nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network], address: str) -> bool:
     if not address:
         return False
     ip = ipaddress.ip_address(address)
-    for value in values:
-        net = ipaddress.ip_network(value, strict=False)
-        if net.version == ip.version and ip in net:
-            return True
-    return False
+    return any(net.version == ip.version and ip in net for net in nets)
 
 
 def _fqdn_match(patterns: Iterable[str], names: Any) -> bool:
@@ -369,8 +424,12 @@ def _protocol_match(value: str, flow: Mapping[str, Any]) -> bool:
     return {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "icmpv4": "ICMPv4", "icmpv6": "ICMPv6"}[want] in l4
 
 
-def _type_match(value: str, flow: Mapping[str, Any]) -> bool:
+def _parse_type(value: str) -> tuple[int, str | None]:
+    """``trace:to-endpoint`` -> (4, "TO_ENDPOINT"); ``drop`` -> (1, None)."""
     kind, _, sub = value.lower().partition(":")
-    if int((flow.get("event_type") or {}).get("type", -1)) != EVENT_TYPE_NAMES[kind]:
-        return False
-    return not sub or flow.get("trace_observation_point") == TRACE_SUBTYPES[sub]
+    return EVENT_TYPE_NAMES[kind], (TRACE_SUBTYPES[sub] if sub else None)
+
+
+def _type_in(types: list[tuple[int, str | None]], flow: Mapping[str, Any]) -> bool:
+    number = int((flow.get("event_type") or {}).get("type", -1))
+    return any(number == kind and (sub is None or flow.get("trace_observation_point") == sub) for kind, sub in types)
