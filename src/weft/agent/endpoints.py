@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from weft.agent.cluster import ClusterSync, RemoteView, direct_routes, remote_ipcache, tunnel_routes
 from weft.agent.config import NodeConfig
 from weft.agent.dnsnames import DnsNames
 from weft.agent.errors import (
@@ -30,6 +31,7 @@ from weft.agent.errors import (
     IO_FAILURE,
     NOT_AVAILABLE,
     POOL_EXHAUSTED,
+    TRY_AGAIN_LATER,
     UNKNOWN_CONTAINER,
     AgentError,
 )
@@ -37,13 +39,15 @@ from weft.agent.flows import FlowObserver
 from weft.agent.policy import PolicyController
 from weft.agent.state import EP_CREATING, EP_READY, AgentState, EndpointRecord, StateStore, endpoint_key
 from weft.cni import plugin as cni_plugin
-from weft.datapath import veth
-from weft.datapath.loader import EndpointEntry, NodeDatapath
-from weft.datapath.netlink import recycle_node_ipr
+from weft.datapath import abi, veth
+from weft.datapath.loader import EndpointEntry, NodeDatapath, NodeRoute
+from weft.datapath.netlink import ensure_vxlan, link_index, recycle_node_ipr, sync_node_routes
 from weft.dnsproxy.config import ProxyRules, default_socket_path, rules_path
 from weft.dnsproxy.control import ProxyCallError, ProxyClient, ProxyUnavailable
+from weft.identity.allocator import CLUSTER_MAX, CLUSTER_MIN
 from weft.ipam.pool import PoolExhausted, default_pools, gateway_of
 from weft.observe.flow import EndpointView, Enrichment
+from weft.store.kv import StoreError
 from weft.types.addresses import IPAddress
 from weft.types.labels import format_labels, pod_labels
 
@@ -63,9 +67,13 @@ class EndpointManager:
         self.policy = PolicyController(
             self.state, datapath, self._entries, self._save, proxy=config.dns_proxy,
             publish_proxy_rules=self._publish_proxy_rules,
-            cluster_cidrs=sorted({str(pool.cidr) for pool in default_pools().values()}
+            cluster_cidrs=sorted(set(config.cluster_cidrs or [str(pool.cidr) for pool in default_pools().values()])
                                  | {str(block) for block in self.blocks.values()}),
         )
+        # The rest of the cluster (a node of a cluster; None: a node on its own).
+        self.cluster: ClusterSync | None = None
+        self.remote: RemoteView | None = None
+        self.tunnel_ifindex = 0  # the VXLAN device (overlay) or the uplink (direct)
         self.reaper = veth.LinkReaper()
         self._pods_by_ep: dict[int, str] = {}  # replaced whole: the flow reader thread reads it
         self.dns_names = DnsNames(rules_path(config.state_dir).parent / "cache.json",
@@ -85,6 +93,14 @@ class EndpointManager:
         interfaces: dict[int, str] = {}
         identity_labels = {ident: tuple(format_labels(labels))
                            for labels, ident in self.state.identities.by_labels.items()}
+        if self.remote is not None:
+            # Other nodes' pods: flows to and from them name the pod too.
+            for ident, remote_labels in self.remote.identities.items():
+                identity_labels.setdefault(ident, tuple(format_labels(remote_labels)))
+            for ep in self.remote.endpoints.values():
+                if ep.node != self.config.node_name:
+                    by_ip[ep.ip] = EndpointView(0, ep.identity, ep.namespace, ep.pod,
+                                                identity_labels.get(ep.identity, ()))
         self._pods_by_ep = {r.ep_id: f"{r.pod_namespace}/{r.pod_name}" for r in self.state.endpoints.values()}
         for record in self.state.endpoints.values():
             labels = identity_labels.get(record.identity, ())
@@ -109,6 +125,112 @@ class EndpointManager:
             ProxyClient(sock, timeout=2.0).reload()
         except (ProxyUnavailable, ProxyCallError, OSError) as exc:
             log.warning("DNS proxy did not take the new rules now (it reads them when it starts): %s", exc)
+
+    # ---------------------------------------------------------------- the cluster
+    def join_cluster(self, sync: ClusterSync) -> None:
+        """Become a node of the cluster ``sync`` follows: identities numbered by the store, the
+        node's keys published under its lease, the others' state applied as it changes."""
+        settings = sync.settings
+        self.cluster = sync
+        self.state.identities.cluster = sync.numbering
+        sync.on_lease = self._on_lease
+        sync.apply = self.apply_cluster
+        self.policy.on_change = sync.put_policies
+        if settings.mode == "overlay":
+            self.tunnel_ifindex = ensure_vxlan(settings.tunnel_device, settings.vxlan_port)
+            self.datapath.attach_overlay(settings.tunnel_device, self.tunnel_ifindex)
+        else:
+            index = link_index(settings.uplink)
+            if index is None:
+                raise AgentError(INVALID_ENV, f"cluster.uplink {settings.uplink} does not exist on this node")
+            self.tunnel_ifindex = index
+            self.datapath.attach_netdev(settings.uplink, index)
+
+    def _on_lease(self, lease: int) -> None:
+        """(Re)publish the node's keys under ``lease``: its node record, a reference to every
+        cluster identity its endpoints use (renumbering any the store now numbers otherwise:
+        only if the store lost its data), its endpoints; and withdraw endpoints the store
+        still has for this node that it no longer holds."""
+        assert self.cluster is not None
+        sync = self.cluster
+        sync.register_node([str(b) for b in self.blocks.values()], lease)
+        renumbered: dict[int, int] = {}
+        for labels, ident in list(self.state.identities.by_labels.items()):
+            if not CLUSTER_MIN <= ident <= CLUSTER_MAX:
+                continue
+            number = sync.identities.allocate(labels, self.config.node_name, lease)
+            if number != ident:
+                self.state.identities.renumber(labels, number)
+                renumbered[ident] = number
+        if renumbered:
+            log.warning("cluster identities renumbered by the store: %s", renumbered)
+            for record in self.state.endpoints.values():
+                if record.identity in renumbered:
+                    record.identity = renumbered[record.identity]
+                    if record.state == EP_READY:
+                        self._write_map_entries(record)
+            self._save()
+            self.policy.regenerate()
+        published = sync.published_endpoints()
+        mine: set[str] = set()
+        for record in self.state.endpoints.values():
+            if record.state == EP_READY:
+                mine.update(record.addresses)
+                self._publish_endpoint(record)
+        for ip in set(published) - mine:
+            sync.withdraw_endpoint(ip)
+
+    def _publish_endpoint(self, record: EndpointRecord) -> None:
+        if self.cluster is None:
+            return
+        for ip in record.addresses:
+            self.cluster.publish_endpoint(ip, record.identity, record.pod_namespace or "default",
+                                          record.pod_name or record.container_id[:63])
+
+    def apply_cluster(self, view: RemoteView) -> None:
+        """The rest of the cluster into the node: tunnel entries (and in direct mode routes) to
+        other nodes' pod prefixes, their pods' and addresses' identities in the ipcache and the
+        policy, the cluster's policies."""
+        assert self.cluster is not None
+        settings, node = self.cluster.settings, self.config.node_name
+        families = self.config.ip_family.versions
+        self.remote = view
+        mode = abi.ROUTE_VXLAN if settings.mode == "overlay" else abi.ROUTE_DIRECT
+        routes = tunnel_routes(view, node, families) if mode == abi.ROUTE_VXLAN else direct_routes(view, node)
+        if mode == abi.ROUTE_DIRECT:
+            # The FIB the datapath asks (bpf_fib_lookup) learns the way to other nodes' pods.
+            sync_node_routes(routes, settings.uplink)
+        self.datapath.sync_tunnels({ipaddress.ip_network(cidr): NodeRoute(self.tunnel_ifindex, ipaddress.ip_address(gw),
+                                                                           mode)
+                                    for cidr, gw in routes.items()})
+        self.policy.set_remote(view.identities, remote_ipcache(view, node))
+        if not self.policy.apply_from_store(view.policies, view.revision):
+            self.policy.regenerate()
+        self.flows.set_enrichment(self._flow_enrichment())
+
+    def identity_gc(self) -> dict[str, Any]:
+        """Cluster identities no node references any more go (any node may do it: the store's
+        transactions keep it safe); releases the store could not take before are retried."""
+        if self.cluster is None:
+            return {}
+        held = set(self.state.identities.by_labels.values())
+        self.cluster.numbering.retry(held)
+        return {"freed": self.cluster.collect_garbage()}
+
+    def remove_node(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Another node left the cluster: the store forgets its node record, endpoints and
+        identity references (every node's watch then removes what it had of it)."""
+        name = _require(p, "name")
+        if self.cluster is None:
+            raise AgentError(BAD_REQUEST, "this node is not part of a cluster")
+        if name == self.config.node_name:
+            raise AgentError(BAD_REQUEST, f"{name} is this node: remove it from another one")
+        try:
+            removed = self.cluster.nodes.remove(name)
+            freed = self.cluster.collect_garbage()
+        except StoreError as exc:
+            raise AgentError(TRY_AGAIN_LATER, f"cluster store: node {name} not removed: {exc}") from exc
+        return {"node": name, "removed_keys": removed, "freed_identities": freed}
 
     # ---------------------------------------------------------------- CNI verbs
     def cni_add(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +283,7 @@ class EndpointManager:
         self._save()
         if self.policy.repo.policies():
             self.policy.regenerate(exclude=record)  # peers may select the new identity
+        self._publish_endpoint(record)
         return self._result(record)
 
     def _wire(self, record: EndpointRecord) -> None:
@@ -215,6 +338,7 @@ class EndpointManager:
                 self.state.identities.release(old)
             if record.state == EP_READY and record.identity != old:
                 self._write_map_entries(record)
+                self._publish_endpoint(record)
         if self.policy.repo.policies():
             self.policy.regenerate()
 
@@ -226,6 +350,8 @@ class EndpointManager:
             # The address is still this endpoint's (IPAM releases it below), so is its entry.
             with contextlib.suppress(Exception):
                 self.datapath.delete_endpoint(ip)
+            if self.cluster is not None and record.state == EP_READY:
+                self.cluster.withdraw_endpoint(str(ip))
         # The map entries are gone, so the pod is cut off; the kernel's slow unregistering of
         # the veth happens in the background.
         self.reaper.delete(record.host_ifname)
@@ -361,7 +487,18 @@ class EndpointManager:
             "dns_proxy": self._proxy_health(),
             "flows": self.flows.status(),
             "metrics": {"address": self.config.metrics_address, "serving": self.metrics_serving},
+            "cluster": self._cluster_status(),
         }
+
+    def _cluster_status(self) -> dict[str, Any] | None:
+        if self.cluster is None:
+            return None
+        remote = self.remote
+        return {**self.cluster.status(),
+                "nodes": sorted(remote.nodes) if remote else [],
+                "remote_endpoints": sum(1 for ep in remote.endpoints.values() if ep.node != self.config.node_name)
+                if remote else 0,
+                "tunnels": {str(net): str(route.address) for net, route in self.datapath.tunnels().items()}}
 
     def _proxy_health(self) -> dict[str, Any]:
         """The node's DNS proxy as ``weft status`` shows it (a process of its own: asked, not
@@ -470,6 +607,8 @@ class EndpointManager:
             "ping": lambda p: {"node": self.config.node_name},
             "reconcile": lambda p: self.reconcile(), "gc": lambda p: self.periodic_gc(),
             "sync": lambda p: {"drained": self.reaper.drain(float(p.get("timeout", 30)))},
+            "cluster.gc": lambda p: self.identity_gc(),
+            "cluster.remove_node": self.remove_node,
         }
 
     def cni_exec(self, p: dict[str, Any]) -> dict[str, Any]:

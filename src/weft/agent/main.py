@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from weft.agent.cluster import ClusterSync, open_store
 from weft.agent.config import NodeConfig
 from weft.agent.dnsflows import DnsFlowFollower
 from weft.agent.endpoints import EndpointManager
@@ -86,6 +87,15 @@ async def run(config: NodeConfig) -> None:
         dns_flows = DnsFlowFollower(manager.flows, config.dns_proxy.socket_path
                                     or default_socket_path(config.state_dir), config.state_dir)
         dns_flows.start()
+    cluster = None
+    if config.cluster is not None:
+        # Other nodes: the cluster store. The node joins before its first reconcile, so the
+        # policy it enforces from then on knows the cluster's identities as soon as they arrive;
+        # a store that does not answer yet leaves the node working on its own until it does.
+        cluster = ClusterSync(config, config.cluster, open_store(config.cluster),
+                              lambda fn: worker.submit(fn).result())
+        await loop.run_in_executor(worker, manager.join_cluster, cluster)
+        cluster.start()
     report = await loop.run_in_executor(worker, manager.reconcile)
     log.info("start-up reconcile: %s", report)
     drained = await loop.run_in_executor(worker, drain_del_queue, manager, config.del_queue_dir)
@@ -138,11 +148,15 @@ async def run(config: NodeConfig) -> None:
         asyncio.create_task(every(config.gc_interval_s, manager.periodic_gc)),
         asyncio.create_task(every(config.gc_interval_s, drain_del_queue, manager, config.del_queue_dir)),
     ]
+    if config.cluster is not None:
+        tasks.append(asyncio.create_task(every(config.cluster.identity_gc_interval_s, manager.identity_gc)))
     await stop.wait()
     log.info("stopping; the datapath stays pinned and attached")
     for task in tasks:
         task.cancel()
     await server.close()
+    if cluster is not None:
+        await loop.run_in_executor(None, cluster.stop)
     if observer is not None:
         await observer.stop(grace=1.0)
     metrics.stop()

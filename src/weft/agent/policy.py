@@ -27,6 +27,7 @@ from weft.agent.state import EP_READY, AgentState, EndpointRecord
 from weft.datapath import abi
 from weft.datapath.loader import EndpointEntry, NodeDatapath, PolicyMapKey, PolicyMapValue
 from weft.dnsproxy.config import DnsProxySettings, EndpointRules, ProxyRules
+from weft.identity.allocator import LOCAL_MIN
 from weft.policy import EndpointPolicy, EndpointSubject, Policy, PolicyError, PolicyRepository, load_policies, trace
 from weft.policy.distill import DistilledPolicy, SubjectKey
 from weft.policy.loader import PolicyKey as DocumentKey
@@ -91,8 +92,19 @@ class PolicyController:
         self._holders: Counter[SubjectKey] = Counter()
         self._desired: dict[SubjectKey, _Desired] = {}
         self._ipcache: dict[IPNetwork, int] | None = None
-        self._ipcache_generation = -1
+        self._ipcache_generation: tuple[int, int] = (-1, -1)
         self._documents: dict[DocumentKey, tuple[Policy, dict[str, Any]]] = {}
+        # Other nodes' part (a node in a cluster): identities of the whole cluster, and the
+        # addresses of other nodes' pods (and of the nodes) with their identities. ``None``:
+        # not known yet (after a restart, before the cluster store answered): ipcache entries
+        # of cluster identities in the kernel are then left as they are.
+        self.remote_identities: dict[int, LabelSet] = {}
+        self.remote_ipcache: dict[IPNetwork, int] | None = None
+        self._remote_generation = 0
+        # Called with the policies an apply or delete is about to change, before they are
+        # applied here (the cluster store gets them first); returns the store's revision.
+        self.on_change: Callable[[list[Policy], bool], int] | None = None
+        self._store_revision = 0  # the store revision of this node's last policy change
         stored = [p for doc in state.policies for p in self._parse([("agent state", json.dumps(doc))])]
         if stored:
             self.repo.apply(stored)
@@ -125,6 +137,8 @@ class PolicyController:
         if p.get("dryRun"):
             result = self.repo.plan(policies)
         else:
+            if self.on_change is not None:
+                self._store_revision = self.on_change(policies, False)
             result = self.repo.apply(policies)
             self._store()
             self.regenerate()
@@ -140,6 +154,8 @@ class PolicyController:
 
     def delete(self, p: dict[str, Any]) -> dict[str, Any]:
         policies = self._parse(self._files(p))
+        if self.on_change is not None:
+            self._store_revision = self.on_change(policies, True)
         gone = self.repo.delete_policies(policies)
         self._store()
         self.regenerate()
@@ -187,7 +203,44 @@ class PolicyController:
 
     # ------------------------------------------------------------------ resolution
     def _identities(self) -> dict[int, LabelSet]:
-        return {ident: labels for labels, ident in self.state.identities.by_labels.items()}
+        own = {ident: labels for labels, ident in self.state.identities.by_labels.items()}
+        return {**self.remote_identities, **own} if self.remote_identities else own
+
+    # ------------------------------------------------------------------ the cluster
+    def set_remote(self, identities: dict[int, LabelSet], ipcache: dict[IPNetwork, int]) -> None:
+        """The rest of the cluster as the store says; applied by the next :meth:`regenerate`."""
+        self.remote_identities = identities
+        if ipcache != self.remote_ipcache:
+            self.remote_ipcache = ipcache
+            self._remote_generation += 1
+
+    def documents(self) -> dict[str, dict[str, Any]]:
+        """Every policy of the node by its cluster-store name."""
+        return {store_name(pol.key): pol.to_dict() for pol in self.repo.policies()}
+
+    def apply_from_store(self, wanted: dict[str, dict[str, Any]], revision: int) -> bool:
+        """Make the node's policies the cluster store's (read at ``revision``). A view older than
+        this node's own last change is skipped: the change is on its way in the watch."""
+        if revision < self._store_revision:
+            return False
+        have = self.documents()
+        gone = [pol for pol in self.repo.policies() if store_name(pol.key) not in wanted]
+        changed = [doc for name, doc in sorted(wanted.items()) if have.get(name) != doc]
+        if not gone and not changed:
+            return False
+        if gone:
+            self.repo.delete_policies(gone)
+        if changed:
+            try:
+                self.repo.apply(self._parse([(f"cluster store policy {name}", json.dumps(doc))
+                                             for name, doc in sorted(wanted.items()) if have.get(name) != doc]))
+            except AgentError as exc:
+                # Another node's agent validated them; one of another version may not: say so
+                # and keep the rest.
+                log.error("policies from the cluster store not applied: %s %s", exc.msg, exc.details)
+        self._store()
+        self.regenerate()
+        return True
 
     def _named_ports(self, record: EndpointRecord) -> dict[str, tuple[int, int]]:
         meta = self.state.pods.get(f"{record.pod_namespace}/{record.pod_name}", {})
@@ -389,16 +442,21 @@ class PolicyController:
     def _ipcache_add(self, full: bool) -> list[IPNetwork]:
         """Write the CIDR identities that are new or renumbered; returns the stale prefixes
         (removed by :meth:`_ipcache_remove` once no entry uses their identity)."""
-        if not full and self._ipcache is not None and self._ipcache_generation == self.repo.cidr_generation:
+        generation = (self.repo.cidr_generation, self._remote_generation)
+        if not full and self._ipcache is not None and self._ipcache_generation == generation:
             return []
         current = self._current_ipcache() if full or self._ipcache is None else self._ipcache
         wanted = {parse_network(prefix): ident for prefix, ident in self.repo.cidr_identities().items()}
+        if self.remote_ipcache:
+            # A CIDR rule naming a pod's address does not change that pod's identity.
+            wanted = {**wanted, **self.remote_ipcache}
         upsert = {net: ident for net, ident in wanted.items() if current.get(net) != ident}
         if upsert:
             self.datapath.update_ipcache(upsert)
         self._ipcache = {**current, **upsert}
-        self._ipcache_generation = self.repo.cidr_generation
-        return [net for net in current if net not in wanted]
+        self._ipcache_generation = generation
+        return [net for net, ident in current.items() if net not in wanted
+                and (self.remote_ipcache is not None or ident >= LOCAL_MIN)]
 
     def _ipcache_remove(self, stale: list[IPNetwork]) -> None:
         if not stale:
@@ -435,3 +493,8 @@ class PolicyController:
         result = trace(self.repo, side(str(p.get("from", ""))), side(str(p.get("to", ""))), int(p.get("port", 0)),
                        str(p.get("protocol", "tcp")), identities=self._identities(), named_ports=self._peer_ports())
         return {"verdict": result.verdict, "lines": result.lines(), "rules": list(result.deciding_rules)}
+
+
+def store_name(key: DocumentKey) -> str:
+    """A policy's name in the cluster store: kind, namespace and name (none holds a ':')."""
+    return ":".join(key)

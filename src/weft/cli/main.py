@@ -24,6 +24,7 @@ from weft.ipam.pool import (
 )
 from weft.lab.cluster import Lab, LabError
 from weft.lab.runtime import CniError
+from weft.lab.world import DIRECT_POD_CIDR_V4, DIRECT_POD_CIDR_V6
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="weft: eBPF container networking. Lab, status, endpoints.")
@@ -69,24 +70,42 @@ def _clients(lab: str, node: str | None, socket: Path | None) -> list[tuple[str,
 def lab_up(lab: LabOpt = "weft",
            nodes: Annotated[int, typer.Option("--nodes", help="number of nodes")] = 1,
            ip_family: Annotated[str, typer.Option("--ip-family", help="ipv4, ipv6 or dual")] = "dual",
-           pod_cidr_v4: Annotated[str, typer.Option(help="cluster pod CIDR, IPv4")] = DEFAULT_CLUSTER_CIDR_V4,
-           node_mask_v4: Annotated[int, typer.Option(help="prefix of each node's IPv4 block")] = DEFAULT_NODE_MASK_V4,
-           pod_cidr_v6: Annotated[str, typer.Option(help="cluster pod CIDR, IPv6")] = DEFAULT_CLUSTER_CIDR_V6,
-           node_mask_v6: Annotated[int, typer.Option(help="prefix of each node's IPv6 block")] = DEFAULT_NODE_MASK_V6,
+           pod_cidr_v4: Annotated[str | None, typer.Option(
+               help=f"cluster pod CIDR, IPv4 [default: {DEFAULT_CLUSTER_CIDR_V4}; direct mode: "
+                    f"{DIRECT_POD_CIDR_V4}]")] = None,
+           node_mask_v4: Annotated[int | None, typer.Option(
+               help=f"prefix of each node's IPv4 block [default: {DEFAULT_NODE_MASK_V4}]")] = None,
+           pod_cidr_v6: Annotated[str | None, typer.Option(
+               help=f"cluster pod CIDR, IPv6 [default: {DEFAULT_CLUSTER_CIDR_V6}; direct mode: "
+                    f"{DIRECT_POD_CIDR_V6}]")] = None,
+           node_mask_v6: Annotated[int | None, typer.Option(
+               help=f"prefix of each node's IPv6 block [default: {DEFAULT_NODE_MASK_V6}]")] = None,
            world: Annotated[bool, typer.Option(
                "--world/--no-world",
                help="underlay, world servers and DNS behind the nodes, kube-dns")] = True,
+           mode: Annotated[str | None, typer.Option(
+               "--mode", help="how nodes reach each other's pods: overlay (VXLAN; the default with several "
+                              "nodes), direct (pods addressed from the underlay, routed) or none")] = None,
+           store: Annotated[str, typer.Option(
+               "--store", help="the cluster store: sqlite (embedded) or etcd (a real etcd server)")] = "sqlite",
            ) -> None:
     """Create node namespaces, each with its own agent; by default also the world beyond the
-    nodes (servers and DNS reached through the nodes' uplinks) and kube-dns."""
+    nodes (servers and DNS reached through the nodes' uplinks) and kube-dns. With several
+    nodes, they form a cluster: a cluster store, and pods reaching each other across nodes."""
     try:
-        pools = {4: ClusterPool.parse(pod_cidr_v4, node_mask_v4), 6: ClusterPool.parse(pod_cidr_v6, node_mask_v6)}
+        pools: dict[int, ClusterPool] = {}
+        if pod_cidr_v4 is not None or node_mask_v4 is not None:
+            pools[4] = ClusterPool.parse(pod_cidr_v4 or DEFAULT_CLUSTER_CIDR_V4, node_mask_v4 or DEFAULT_NODE_MASK_V4)
+        if pod_cidr_v6 is not None or node_mask_v6 is not None:
+            pools[6] = ClusterPool.parse(pod_cidr_v6 or DEFAULT_CLUSTER_CIDR_V6, node_mask_v6 or DEFAULT_NODE_MASK_V6)
         with console.status(f"bringing up lab {lab} with {nodes} node(s)") as status:
-            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m), pools=pools,
-                                world=world)
+            state = Lab(lab).up(nodes=nodes, ip_family=ip_family, progress=lambda m: status.update(m),
+                                pools=pools or None, world=world, mode=mode, store=store)
     except (LabError, IPAMError, CniError, AgentCallError, AgentUnavailable, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"lab [bold]{lab}[/bold] up: " + ", ".join(f"{n.name} ({n.netns})" for n in state.nodes))
+    if state.mode != "none":
+        console.print(f"cluster: {state.mode} mode, {state.store} store")
     if state.world:
         console.print(f"world: {lab}-world behind {lab}-vnet; kube-dns {', '.join(state.dns_servers)} "
                       "(`weft lab world` lists the names)")
@@ -120,6 +139,21 @@ def lab_down(lab: LabOpt = "weft") -> None:
     """Remove everything the lab made (also after a crash)."""
     removed = Lab(lab).down()
     console.print(f"lab {lab} down: removed {len(removed)} item(s)")
+
+
+node_app = typer.Typer(no_args_is_help=True, help="Nodes of the lab's cluster.")
+lab_app.add_typer(node_app, name="node")
+
+
+@node_app.command("remove")
+def node_remove(name: Annotated[str, typer.Argument(help="node name, e.g. node-2")], lab: LabOpt = "weft") -> None:
+    """A node leaves the cluster (as `kubectl delete node`): its agent and pods go, and every
+    other node drops its tunnel entries, routes and endpoints."""
+    try:
+        result = Lab(lab).node_remove(name)
+    except (LabError, AgentCallError, AgentUnavailable) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"node {name} removed ({result.get('removed_keys', 0)} store key(s))")
 
 
 @pod_app.command("add")

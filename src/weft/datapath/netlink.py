@@ -54,3 +54,55 @@ def link_index(ifname: str) -> int | None:
         return socket.if_nametoindex(ifname)
     except OSError:
         return None
+
+
+# Routes the agent installs to other nodes' pod prefixes (direct mode) carry this protocol
+# number, so the agent recognises its own among the node's routes (as Cilium's do with theirs).
+RTPROT_WEFT = 201
+
+
+def ensure_vxlan(ifname: str, port: int) -> int:
+    """The node's collect-metadata ("external") VXLAN device, created if missing, up; returns its
+    index. The datapath sets each packet's tunnel key (remote node, VNI = the sender's
+    identity), so the device needs no VNI, remote or learning of its own."""
+    ipr = node_ipr()
+    index = link_index(ifname)
+    if index is None:
+        ipr.link("add", ifname=ifname, kind="vxlan", vxlan_collect_metadata=1, vxlan_port=port, vxlan_learning=0)
+        index = link_index(ifname)
+        if index is None:
+            raise OSError(f"VXLAN device {ifname} not found after creating it")
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def node_routes() -> dict[str, str]:
+    """The routes the agent installed (protocol RTPROT_WEFT): destination prefix -> gateway."""
+    out: dict[str, str] = {}
+    ipr = node_ipr()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for route in ipr.get_routes(family=family, table=254):
+            if route["proto"] != RTPROT_WEFT:
+                continue
+            dst, gw = route.get_attr("RTA_DST"), route.get_attr("RTA_GATEWAY")
+            if dst is not None and gw is not None:
+                out[f"{dst}/{route['dst_len']}"] = str(gw)
+    return out
+
+
+def sync_node_routes(desired: dict[str, str], device: str) -> dict[str, int]:
+    """Bring the agent's routes to ``desired`` (prefix -> gateway on ``device``): other nodes'
+    pod prefixes via their underlay address, as a cloud's route table would have them."""
+    ipr = node_ipr()
+    current = node_routes()
+    index = link_index(device)
+    written = removed = 0
+    for dst, gw in desired.items():
+        if current.get(dst) != gw and index is not None:
+            ipr.route("replace", dst=dst, gateway=gw, oif=index, proto=RTPROT_WEFT)
+            written += 1
+    for dst in current:
+        if dst not in desired:
+            ipr.route("del", dst=dst, proto=RTPROT_WEFT)
+            removed += 1
+    return {"written": written, "removed": removed}

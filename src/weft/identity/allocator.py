@@ -8,6 +8,7 @@ for CIDRs and learned addresses are node-local, from 2**24.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from weft.types.labels import Label, LabelSet
 
@@ -35,17 +36,36 @@ class IdentityExhausted(Exception):
     pass
 
 
+class ClusterNumbering(Protocol):
+    """Where cluster identities come from when the node is part of a cluster: the cluster store
+    hands out one number per label set to every node (see ``weft.store.cluster.Identities``)."""
+
+    def allocate(self, labels: LabelSet) -> int: ...
+
+    def release(self, ident: int) -> None: ...
+
+
 @dataclass
 class IdentityAllocator:
     """Label set -> identity with reference counts. State is plain data so the agent can persist it."""
 
     by_labels: dict[LabelSet, int] = field(default_factory=dict)
     refs: dict[int, int] = field(default_factory=dict)
+    # Cluster identities from the cluster store instead of this node's own numbering (not saved:
+    # the agent sets it when it joins a cluster).
+    cluster: ClusterNumbering | None = field(default=None, repr=False, compare=False)
 
     def acquire(self, labels: LabelSet, local: bool = False) -> int:
         """The identity of ``labels``, allocated if new: a cluster identity, or with ``local``
         a node-local one (toFQDNs selectors) from FQDN_MIN."""
         ident = self.by_labels.get(labels)
+        if ident is None and not local and self.cluster is not None:
+            ident = self.cluster.allocate(labels)
+            if ident in self.by_labels.values():
+                # Only if the store lost what this node holds: the agent renumbers on rejoin.
+                raise IdentityExhausted(f"the cluster store gave identity {ident} to {sorted(map(str, labels))}, "
+                                        "which this node holds for other labels")
+            self.by_labels[labels] = ident
         if ident is None:
             used = set(self.by_labels.values())
             first, last = (FQDN_MIN, FQDN_MAX) if local else (CLUSTER_MIN, CLUSTER_MAX)
@@ -65,6 +85,18 @@ class IdentityAllocator:
         for labels, value in list(self.by_labels.items()):
             if value == ident:
                 del self.by_labels[labels]
+        if self.cluster is not None and CLUSTER_MIN <= ident <= CLUSTER_MAX:
+            self.cluster.release(ident)
+
+    def renumber(self, labels: LabelSet, new: int) -> int:
+        """Give ``labels`` the number ``new`` (the cluster's), keeping its references; returns
+        the old number."""
+        old = self.by_labels[labels]
+        self.by_labels[labels] = new
+        count = self.refs.pop(old, 0)
+        if count:
+            self.refs[new] = count
+        return old
 
     def labels_of(self, ident: int) -> LabelSet | None:
         for labels, value in self.by_labels.items():

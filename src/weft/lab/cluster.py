@@ -124,6 +124,10 @@ class LabState:
     world: bool = False
     # The cluster resolver every pod's resolv.conf names: kube-dns's pod addresses.
     dns_servers: list[str] = field(default_factory=list)
+    # How nodes reach each other's pods ("none": nodes on their own), and the cluster store.
+    mode: str = "none"
+    store: str = ""
+    store_pid: int = 0
 
 
 class Lab:
@@ -151,6 +155,7 @@ class Lab:
             pods={k: PodInfo(**v) for k, v in raw["pods"].items()},
             namespaces=raw.get("namespaces", {}),
             world=raw.get("world", False), dns_servers=raw.get("dns_servers", []),
+            mode=raw.get("mode", "none"), store=raw.get("store", ""), store_pid=raw.get("store_pid", 0),
         )
 
     def save(self, state: LabState) -> None:
@@ -173,21 +178,42 @@ class Lab:
 
     # ------------------------------------------------------------------ up / down
     def up(self, nodes: int = 1, ip_family: str = "dual", progress: Callable[[str], None] | None = None,
-           pools: dict[int, ClusterPool] | None = None, world: bool = True) -> LabState:
+           pools: dict[int, ClusterPool] | None = None, world: bool = True, mode: str | None = None,
+           store: str = "sqlite") -> LabState:
         """Create ``nodes`` node namespaces with an agent each. ``pools`` overrides the cluster
-        pod CIDRs and per-node block sizes (default: Azure CNI overlay's). ``world``: also the
-        underlay, the world behind it and kube-dns (see ``weft.lab.world``)."""
+        pod CIDRs and per-node block sizes (default: Azure CNI overlay's; direct mode: blocks of
+        the underlay). ``world``: also the underlay, the world behind it and kube-dns (see
+        ``weft.lab.world``). ``mode``: how nodes reach each other's pods, ``overlay`` (VXLAN,
+        the default with several nodes) or ``direct`` (pods addressed from the underlay, routed);
+        ``none``: nodes on their own. ``store``: the cluster store, ``sqlite`` (a file every
+        agent opens) or ``etcd`` (a real etcd server on the underlay)."""
         say = progress or (lambda _msg: None)
         family = IPFamilies(ip_family)
         if nodes < 1 or nodes > 250:
             raise LabError(f"--nodes {nodes}: a lab has 1 to 250 nodes")
         if self.exists():
             raise LabError(f"lab {self.name!r} is already up; `weft lab down` first")
+        if mode is None:
+            mode = "overlay" if nodes > 1 and world else "none"
+        if mode not in ("overlay", "direct", "none"):
+            raise LabError(f"--mode {mode!r}: overlay, direct or none")
+        if store not in ("sqlite", "etcd"):
+            raise LabError(f"--store {store!r}: sqlite or etcd")
+        if mode != "none" and not world:
+            raise LabError(f"--mode {mode} needs the underlay the nodes share: drop --no-world")
+        if mode == "direct" and not pools:
+            pools = {4: ClusterPool.parse(plan.DIRECT_POD_CIDR_V4, plan.DIRECT_NODE_MASK_V4),
+                     6: ClusterPool.parse(plan.DIRECT_POD_CIDR_V6, plan.DIRECT_NODE_MASK_V6)}
         pools = {**default_pools(), **(pools or {})}
         pod_cidrs = [str(pools[v].cidr) for v in family.versions]
         if world:
             for cidr in pod_cidrs:
-                if plan.overlaps_world(cidr):
+                if mode == "direct":
+                    net = ipaddress.ip_network(cidr)
+                    underlay = plan.UNDERLAY_V4 if net.version == 4 else plan.UNDERLAY_V6
+                    if not net.subnet_of(underlay):  # type: ignore[arg-type]
+                        raise LabError(f"--mode direct: pod CIDR {cidr} must be part of the underlay {underlay}")
+                elif plan.overlaps_world(cidr):
                     raise LabError(f"pod CIDR {cidr} overlaps the lab's underlay or world ranges "
                                    f"({plan.UNDERLAY_V4}, {plan.UNDERLAY_V6}, "
                                    f"{', '.join(map(str, plan.WORLD_RANGES))}); pick another or use --no-world")
@@ -195,15 +221,19 @@ class Lab:
         _ensure_bpffs()
         self.base.mkdir(parents=True, exist_ok=True)
         write_launcher(self.bin_dir / "weft-cni")
-        state = LabState(name=self.name, ip_family=family.value, world=world)
+        state = LabState(name=self.name, ip_family=family.value, world=world, mode=mode,
+                         store=store if mode != "none" else "")
         self.save(state)
         try:
             # The world's daemons start while the nodes and agents come up; waited for after.
             world_ready = self._make_world() if world else None
             if world_ready:
                 say(f"world: {plan.world_netns(self.name)} behind {plan.vnet_netns(self.name)}")
+            if state.store == "etcd":
+                self.start_store(state)
+                say(f"cluster store: etcd on {plan.STORE_V4}:{plan.ETCD_CLIENT_PORT} in {plan.store_netns(self.name)}")
             for i in range(1, nodes + 1):
-                node = self._make_node(i, family, pools)
+                node = self._make_node(i, family, pools, state)
                 if world:
                     self._plug_node(node, pod_cidrs)
                 state.nodes.append(node)
@@ -285,7 +315,73 @@ class Lab:
         _wait_daemon("kube-dns", proc, log, lambda: _listening(proc.pid, 53, pod.addresses))
         return proc.pid
 
-    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, ClusterPool]) -> NodeInfo:
+    def _cluster_settings(self, state: LabState, index: int) -> dict[str, Any]:
+        settings: dict[str, Any] = {"mode": state.mode, "store": state.store, "uplink": plan.UPLINK,
+                                    "addresses": plan.node_uplink_addresses(index)}
+        if state.store == "etcd":
+            settings["store_endpoint"] = f"http://{plan.STORE_V4}:{plan.ETCD_CLIENT_PORT}"
+        else:
+            settings["store_path"] = str(self.store_path)
+        return settings
+
+    @property
+    def store_path(self) -> Path:
+        return self.base / "store" / "cluster.db"
+
+    # ------------------------------------------------------------------ the cluster store
+    def start_store(self, state: LabState) -> int:
+        """etcd in its own netns on the underlay (made the first time), data kept across
+        restarts in the lab's directory."""
+        netns = plan.store_netns(self.name)
+        if not (NETNS_DIR / netns).exists():
+            _run("ip", "netns", "add", netns)
+            _run(*_in_netns(netns, ["sysctl", "-q", "-w", *plan.no_dad_sysctls()]))
+            self._plug(netns, plan.STORE_PORT)
+            _ip_batch(netns, "link set lo up\n" + plan.uplink_batch([plan.STORE_V4, plan.STORE_V6], []))
+        sdir = self.base / "store"
+        sdir.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn(_in_netns(netns, plan.etcd_argv(f"{self.name}-store", sdir / "etcd-data",
+                                                           sdir / "etcd.log")), sdir / "etcd.out")
+        _wait_daemon("etcd", proc, sdir / "etcd.log",
+                     lambda: _listening(proc.pid, plan.ETCD_CLIENT_PORT, [plan.STORE_V4]))
+        state.store_pid = proc.pid
+        self.save(state)
+        return proc.pid
+
+    def stop_store(self, state: LabState, sig: int = signal.SIGTERM) -> None:
+        pid = state.store_pid
+        if pid and _alive(pid):
+            os.kill(pid, sig)
+            wait_for(f"etcd pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        state.store_pid = 0
+        self.save(state)
+
+    def node_remove(self, node_name: str) -> dict[str, Any]:
+        """A node leaves the cluster (as ``kubectl delete node``): its agent stops, its pods
+        and namespace go, and the cluster store forgets it (asked of another node's agent),
+        so every other node removes its tunnel entries, routes and endpoints."""
+        state = self.load()
+        node = self.node(state, node_name)
+        others = [n for n in state.nodes if n.name != node_name]
+        self.stop_agent(state, node_name)
+        self.stop_dnsproxy(state, node_name)
+        for key, pod in list(state.pods.items()):
+            if pod.node == node_name:
+                if pod.server_pid:
+                    _kill(pod.server_pid)
+                _run("ip", "netns", "del", pod.netns, check=False)
+                del state.pods[key]
+        _run("ip", "netns", "del", node.netns, check=False)
+        shutil.rmtree(self.pin_root / node_name, ignore_errors=True)
+        state.nodes = others
+        self.save(state)
+        result: dict[str, Any] = {"node": node_name, "removed_keys": 0}
+        if state.mode != "none" and others:
+            result = self.client(others[0]).call("cluster.remove_node", {"name": node_name})
+        return result
+
+    def _make_node(self, index: int, family: IPFamilies, pools: dict[int, ClusterPool],
+                   state: LabState | None = None) -> NodeInfo:
         name = f"node-{index}"
         netns = f"{self.name}-{name}"
         _run("ip", "netns", "add", netns)
@@ -294,7 +390,7 @@ class Lab:
         conf_dir = node_dir / "net.d"
         conf_dir.mkdir(parents=True, exist_ok=True)
         socket_path = node_dir / "agent.sock"
-        config = {
+        config: dict[str, Any] = {
             "node_name": name,
             "state_dir": str(node_dir / "state"),
             "socket_path": str(socket_path),
@@ -303,6 +399,10 @@ class Lab:
             "pod_block_v4": str(pools[4].node_block(index)) if 4 in family.versions else None,
             "pod_block_v6": str(pools[6].node_block(index)) if 6 in family.versions else None,
         }
+        if state is not None and state.mode != "none":
+            config["cluster"] = self._cluster_settings(state, index)
+            config["cluster_cidrs"] = [str(pools[v].cidr) for v in family.versions]
+            config["mtu"] = plan.pod_mtu(state.mode, family.versions)
         config_path = node_dir / "node.json"
         config_path.write_text(json.dumps(config, indent=1))
         conflist = {
@@ -437,7 +537,7 @@ class Lab:
         with contextlib.suppress(LabError):
             wait_for("lab processes to exit", lambda: not any(_alive(p) for p in killed), timeout=10)
         prefix = f"{self.name}-"
-        world_netns = (plan.vnet_netns(self.name), plan.world_netns(self.name))
+        world_netns = (plan.vnet_netns(self.name), plan.world_netns(self.name), plan.store_netns(self.name))
         if NETNS_DIR.is_dir():
             # Pods first, the underlay last: a node's uplink goes with the node, the bridge after.
             for entry in sorted(NETNS_DIR.iterdir(), key=lambda e: e.name in world_netns):

@@ -139,6 +139,42 @@ def node_uplink_addresses(index: int) -> list[str]:
     return [f"172.30.1.{index}", f"fd00:172:30::1:{index}"]
 
 
+# The cluster store's machine on the underlay (``--store etcd``): the etcd server in a netns of
+# its own, reached by every node's agent over the underlay, as a control plane on the VNet.
+STORE_V4 = "172.30.0.2"
+STORE_V6 = "fd00:172:30::2"
+ETCD_CLIENT_PORT = 2379
+STORE_PORT = "store"  # its port on the bridge
+# Direct mode: pods take addresses from the underlay itself (Azure CNI's "VNet" addressing),
+# a block per node out of these (node i: block i), routed by the nodes.
+DIRECT_POD_CIDR_V4, DIRECT_NODE_MASK_V4 = "172.30.128.0/17", 24
+DIRECT_POD_CIDR_V6, DIRECT_NODE_MASK_V6 = "fd00:172:30:0:8000::/65", 80
+VXLAN_OVERHEAD = {4: 50, 6: 70}  # outer IP + UDP + VXLAN + inner Ethernet
+
+
+def store_netns(lab: str) -> str:
+    return f"{lab}-store"
+
+
+def etcd_argv(name: str, data_dir: Path, log: Path) -> list[str]:
+    """The lab's etcd: clients on the underlay address, its (single) peer URL on loopback."""
+    client = f"http://{STORE_V4}:{ETCD_CLIENT_PORT}"
+    peer = "http://127.0.0.1:2380"
+    return ["/usr/bin/etcd", "--name", name, "--data-dir", str(data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}", "--initial-cluster-state", "new",
+            "--log-outputs", str(log), "--logger", "zap"]
+
+
+def pod_mtu(mode: str, families: Sequence[int], uplink_mtu: int = 1500) -> int:
+    """Overlay: what fits in the underlay's MTU once encapsulated (tunnels use the IPv4
+    underlay when the cluster runs IPv4, as Cilium's default); direct: the underlay's own."""
+    if mode != "overlay":
+        return uplink_mtu
+    return uplink_mtu - VXLAN_OVERHEAD[4 if 4 in families else 6]
+
+
 def with_prefix(address: str) -> str:
     net = UNDERLAY_V4 if ipaddress.ip_address(address).version == 4 else UNDERLAY_V6
     return f"{address}/{net.prefixlen}"
