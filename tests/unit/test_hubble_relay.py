@@ -194,10 +194,10 @@ class QueueSource:
         self.capacity = capacity
         self.subs: dict[str, Any] = {}
 
-    def subscribe(self, keep: Any, read_first: Any = None) -> tuple[str, Any, Any]:
+    def subscribe(self, keep: Any, read_first: Any = None, by_kind: bool = False) -> tuple[str, Any, Any]:
         from weft.agent.flows import Subscription
 
-        sub = Subscription(keep, self.capacity)
+        sub = Subscription(keep, self.capacity, by_kind=by_kind)
         self.subs[str(len(self.subs))] = sub
         return str(len(self.subs) - 1), sub, read_first() if read_first else None
 

@@ -45,23 +45,31 @@ MAX_PAGE = 10000  # flows in one flows.get answer; a follower gets the rest on i
 
 SUBSCRIPTION_CAPACITY = 1 << 16  # flows a follower may fall behind before it is told of a loss
 SUBSCRIPTION_IDLE_S = 30.0  # a follower that stops asking for this long is dropped
+ANSWERS_KEPT = 4096  # a follower's filter answers per kind of flow, before they are forgotten
 
 
 class Subscription:
     """A follower's own queue: the flows its filter keeps, pushed as they are published, so a
     follower's pace is bounded by this queue (65,536 flows), not by the node's flow ring. What
-    overflows is counted and handed to the follower as a lost-events notice."""
+    overflows is counted and handed to the follower as a lost-events notice.
 
-    def __init__(self, keep: Callable[[dict[str, Any]], bool], capacity: int = SUBSCRIPTION_CAPACITY) -> None:
+    ``by_kind``: the filter does not look at time (no since/until), so its answer for a flow the
+    reader made from a template (:class:`weft.observe.flow.FlowResponse`) holds for every flow of
+    that kind and ports: it is asked once per kind, not once per flow."""
+
+    def __init__(self, keep: Callable[[dict[str, Any]], bool], capacity: int = SUBSCRIPTION_CAPACITY,
+                 by_kind: bool = False) -> None:
         self.keep = keep
         self.capacity = capacity
+        self.by_kind = by_kind
         self.items: deque[dict[str, Any]] = deque()
         self.lost = 0
         self.last_poll = time.monotonic()
         self._lock = threading.Lock()
+        self._answers: dict[Any, bool] = {}
 
     def offer(self, responses: list[dict[str, Any]]) -> None:
-        kept = [r for r in responses if self.keep(r)]
+        kept = self._kept(responses) if self.by_kind else [r for r in responses if self.keep(r)]
         if not kept:
             return
         with self._lock:
@@ -70,6 +78,25 @@ class Subscription:
                 self.lost += len(kept) - room
                 kept = kept[:room]
             self.items.extend(kept)
+
+    def _kept(self, responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keep, answers = self.keep, self._answers
+        kept = []
+        for response in responses:
+            kind = getattr(response, "kind", None)
+            if kind is None:
+                if keep(response):
+                    kept.append(response)
+                continue
+            key = (kind, response.ports)  # type: ignore[attr-defined]
+            answer = answers.get(key)
+            if answer is None:
+                if len(answers) >= ANSWERS_KEPT:
+                    answers.clear()
+                answer = answers[key] = keep(response)
+            if answer:
+                kept.append(response)
+        return kept
 
     def poll(self, max_items: int) -> tuple[list[dict[str, Any]], int]:
         """Up to ``max_items`` queued flows and the number lost since the last poll (never waits:
@@ -98,6 +125,7 @@ class FlowObserver:
         self.ring = FlowRing(settings.ring_capacity)
         self.flow_log = FlowLog(settings.log) if settings.log is not None else None
         self.enrichment = flows.Enrichment(node_name=node_name)
+        self._maker = flows.FlowMaker()  # the reader thread's: events -> flows from per-kind templates
         self._lost_path = state_dir / "flows-lost.json"
         self.kernel_lost_total = 0  # the datapath's events_lost, as last read
         self.kernel_lost_reported = 0  # of which already in the flow stream
@@ -169,17 +197,18 @@ class FlowObserver:
         raw_records, self._batch = self._batch, []
         offset = wall_offset_ns()
         enrichment = self.enrichment
+        make = self._maker.make
         out: list[dict[str, Any]] = []
         for raw in raw_records:
             try:
-                event = flows.decode(raw)
+                made = make(raw, offset, enrichment)
             except flows.UnknownRecord as exc:
                 self.unreadable += 1
                 if self.unreadable == 1:
                     log.warning("unreadable flow event (counted, not shown): %s", exc)
                 continue
             self.events += 1
-            out.extend(flows.to_responses(event, int(event.ts_ns) + offset, enrichment))
+            out.extend(made)
         self._publish(out)
 
     def inject(self, responses: list[dict[str, Any]]) -> None:
@@ -285,7 +314,7 @@ class FlowObserver:
         answer: dict[str, Any] = {"node": self.node_name}
         if p.get("subscribe"):
             # --follow: what the ring holds now, then a queue of what comes after.
-            answer["subscription"], _, result = self.subscribe(keep, read)
+            answer["subscription"], _, result = self.subscribe(keep, read, by_kind=since is None and until is None)
         else:
             result = read()
         responses = list(result.items)
@@ -295,11 +324,12 @@ class FlowObserver:
         answer.update(responses=responses, cursor=result.cursor)
         return answer
 
-    def subscribe(self, keep: Callable[[dict[str, Any]], bool],
-                  read_first: Callable[[], Any] | None = None) -> tuple[str, Subscription, Any]:
+    def subscribe(self, keep: Callable[[dict[str, Any]], bool], read_first: Callable[[], Any] | None = None,
+                  by_kind: bool = False) -> tuple[str, Subscription, Any]:
         """A follower's queue of the flows ``keep`` accepts from now on; ``read_first`` (e.g. the
-        ring's last N) runs atomically with the subscription. (id, subscription, its result)."""
-        sub = Subscription(keep)
+        ring's last N) runs atomically with the subscription; ``by_kind``: ``keep`` ignores time
+        (see :class:`Subscription`). (id, subscription, its result)."""
+        sub = Subscription(keep, by_kind=by_kind)
         sub_id = uuid.uuid4().hex
         with self._publish_lock:
             first = read_first() if read_first is not None else None

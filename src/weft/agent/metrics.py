@@ -46,6 +46,7 @@ log = logging.getLogger("weft.agent.metrics")
 TOP_NAMES = 20  # DNS names with a series of their own; the rest add up under "other"
 MAX_CONTEXT_SERIES = 2000  # label sets per flow metric before new pod contexts fold into "other"
 OTHER = "other"
+KINDS_KEPT = 4096  # kinds of flow whose counts are remembered (FlowMetrics.observe)
 SNAPSHOT_TIMEOUT_S = 10.0  # a scrape waits this long for the worker (a reconcile may hold it)
 
 # Hubble's flow type label ("Trace", "Drop", "PolicyVerdict") by monitor event type.
@@ -131,13 +132,44 @@ class FlowMetrics:
     dns_responses: Counter[tuple[str, ...]] = field(default_factory=Counter)
     dns_response_types: Counter[tuple[str, ...]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_kind: dict[Any, list[Any]] = field(default_factory=dict)  # FlowResponse.kind -> its increments
 
     def observe(self, responses: Iterable[Mapping[str, Any]]) -> None:
+        # Flows the reader made from one template (FlowResponse.kind) count alike: counted once
+        # per kind and batch, times how many (a flood of one kind of drop costs a dict update each).
+        kinds: Counter[Any] = Counter()
         with self._lock:
             for response in responses:
+                kind = getattr(response, "kind", None)
+                if kind is not None:
+                    kinds[kind] += 1
+                    continue
                 flow = response.get("flow")
                 if flow is not None:
                     self._count(flow)
+            for kind, n in kinds.items():
+                increments = self._by_kind.get(kind)
+                if increments is None:
+                    if len(self._by_kind) >= KINDS_KEPT:
+                        self._by_kind.clear()
+                    increments = self._by_kind[kind] = self._increments(kind[0].flows[kind[1]])
+                for counter, key, context in increments:
+                    if context is None:
+                        counter[key] += n
+                    else:
+                        self._add(counter, key, context, n)
+
+    def _increments(self, flow: Mapping[str, Any]) -> list[tuple[Counter[tuple[str, ...]], tuple[str, ...],
+                                                                 tuple[str, str] | None]]:
+        """What counting ``flow`` adds (counter, key, pod context or None), without adding it. Not
+        for DNS flows (never templated): their counts depend on more than the kind."""
+        out: list[tuple[Counter[tuple[str, ...]], tuple[str, ...], tuple[str, str] | None]] = []
+        recorder = FlowMetrics(max_series=self.max_series)
+        recorder._count(flow)
+        for mine, theirs in ((self.processed, recorder.processed), (self.drops, recorder.drops)):
+            out.extend((mine, full[:-2], (full[-2], full[-1])) for full in theirs)
+        out.extend((self.tcp_flags, key, None) for key in recorder.tcp_flags)
+        return out
 
     def _count(self, flow: Mapping[str, Any]) -> None:
         event_type = flow.get("event_type") or {}
@@ -186,11 +218,12 @@ class FlowMetrics:
         with self._lock:
             return dict(self.dns_queries), dict(self.dns_responses), dict(self.dns_response_types)
 
-    def _add(self, counter: Counter[tuple[str, ...]], key: tuple[str, ...], context: tuple[str, str]) -> None:
+    def _add(self, counter: Counter[tuple[str, ...]], key: tuple[str, ...], context: tuple[str, str],
+             n: int = 1) -> None:
         full = (*key, *context)
         if full not in counter and len(counter) >= self.max_series:
             full = (*key, OTHER, OTHER)  # bounded: a new pod pair past the cap is "other"
-        counter[full] += 1
+        counter[full] += n
 
     def copy(self) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
         with self._lock:

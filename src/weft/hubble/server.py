@@ -46,6 +46,7 @@ class Window:
     first: int | None
     last: int | None
     mask: Any | None = None  # google.protobuf.FieldMask: the Flow fields to return
+    timeless: bool = True  # keep() does not look at time (no since/until): it may answer once per kind
 
     def message(self, item: dict[str, Any]) -> Any:
         response = convert.response_to_message(item)
@@ -78,8 +79,9 @@ def window(request: Any) -> Window:
     if number == 0:
         # Hubble: no number with --follow means only new flows; without, everything held.
         has_time = since is not None or until is not None
-        return Window(keep, None, 0 if request.follow and not has_time else None, mask)
-    return Window(keep, number if request.first else None, None if request.first else number, mask)
+        return Window(keep, None, 0 if request.follow and not has_time else None, mask, not has_time)
+    return Window(keep, number if request.first else None, None if request.first else number, mask,
+                  since is None and until is None)
 
 
 class Follower(Protocol):
@@ -92,8 +94,8 @@ class FlowSource(Protocol):
     """What feeds followers as flows are published (the agent's ``FlowObserver``): a queue per
     follower, so a follower's pace is bounded by its queue, not by the ring."""
 
-    def subscribe(self, keep: Callable[[dict[str, Any]], bool],
-                  read_first: Callable[[], Any] | None = None) -> tuple[str, Follower, Any]: ...
+    def subscribe(self, keep: Callable[[dict[str, Any]], bool], read_first: Callable[[], Any] | None = None,
+                  by_kind: bool = False) -> tuple[str, Follower, Any]: ...
 
     def unsubscribe(self, sub_id: str) -> None: ...
 
@@ -117,7 +119,7 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
             return self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
 
         if request.follow and self.source is not None:
-            sub_id, follower, result = self.source.subscribe(win.keep, read_first)
+            sub_id, follower, result = self.source.subscribe(win.keep, read_first, by_kind=win.timeless)
             try:
                 for item in result.items:
                     yield win.message(item)

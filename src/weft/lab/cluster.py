@@ -343,7 +343,8 @@ class Lab:
         proc = self._spawn(_in_netns(netns, plan.etcd_argv(f"{self.name}-store", sdir / "etcd-data",
                                                            sdir / "etcd.log")), sdir / "etcd.out")
         _wait_daemon("etcd", proc, sdir / "etcd.log",
-                     lambda: _listening(proc.pid, plan.ETCD_CLIENT_PORT, [plan.STORE_V4]))
+                     lambda: {(ipaddress.ip_address(plan.STORE_V4), plan.ETCD_CLIENT_PORT)}
+                     <= _sockets(proc.pid, "tcp", "0A"))
         state.store_pid = proc.pid
         self.save(state)
         return proc.pid

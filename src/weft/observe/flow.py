@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import socket
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -368,3 +370,135 @@ def l7_dns_response(record: Mapping[str, Any], enrich: Enrichment) -> Response:
     if names:
         flow["source_names" if reply else "destination_names"] = list(names)
     return {"flow": flow, "node_name": enrich.node_name, "time": time_text}
+
+
+class FlowResponse(dict[str, Any]):
+    """A response the flow reader made from a datapath event, with what lets consumers do their
+    work once per kind of flow instead of once per flow: ``kind`` is equal for two responses that
+    differ only in time and ports (``(template, index)``), ``ports`` (source, destination);
+    ``wire`` holds its serialized GetFlowsResponse once a server made it (for every follower)."""
+
+    __slots__ = ("kind", "ports", "wire")
+
+    kind: tuple[FlowTemplate, int]
+    ports: tuple[int, int]
+    wire: bytes | None
+
+
+class FlowTemplate:
+    """The flows of one kind of event (every field of the record but ports, time and length) in
+    one enrichment: dicts with every key in place, ``time`` and ``l4`` set per event. ``memo`` is
+    for consumers' own per-kind results (a server's serialized static part)."""
+
+    __slots__ = (
+        "egress",
+        "egress_rules",
+        "flags",
+        "flows",
+        "ingress",
+        "ingress_rules",
+        "l4_key",
+        "memo",
+        "names",
+        "names_key",
+        "static_l4",
+    )
+
+    def __init__(self, flows: list[Flow], l4_key: str | None, static_l4: dict[str, Any], flags: dict[str, bool],
+                 names_key: tuple[str, str], egress: int, ingress: int, egress_rules: tuple[str, ...],
+                 ingress_rules: tuple[str, ...], names: tuple[str, ...]) -> None:
+        self.flows = flows
+        self.l4_key = l4_key  # "TCP", "UDP", "SCTP": the ports vary; None: l4 is static_l4
+        self.static_l4 = static_l4
+        self.flags = flags
+        # The live lookups the flows were made with (policy rules by cookie, DNS names): an event
+        # whose lookups answer otherwise gets a new template.
+        self.names_key = names_key
+        self.egress, self.ingress = egress, ingress
+        self.egress_rules, self.ingress_rules, self.names = egress_rules, ingress_rules, names
+        self.memo: dict[Any, Any] = {}
+
+
+_RECORD = struct.Struct("<B35x2H40xQ")  # version, (saddr..) sport, dport (network order), .., ts_ns
+MAX_TEMPLATES = 4096
+
+
+class FlowMaker:
+    """Datapath records -> responses, exactly as :func:`to_responses` makes them, at a fraction of
+    its cost: events of one kind (same endpoints, verdict, reason, flags...: every byte but the
+    ports, length and time) share a template made by :func:`to_responses` once; each event only
+    copies the template's dicts and sets its time and ports. Templates belong to one enrichment
+    and are made anew when it changes, or when a live lookup (policy rules, DNS names) answers
+    differently. One thread (the flow reader) uses it."""
+
+    def __init__(self) -> None:
+        self._enrich: Enrichment | None = None
+        self._templates: dict[bytes, FlowTemplate] = {}
+
+    def make(self, raw: bytes, offset_ns: int, enrich: Enrichment) -> list[Response]:
+        """One record -> its responses (``offset_ns`` turns its monotonic time into wall time);
+        raises :class:`UnknownRecord` for a record of another size or version."""
+        if len(raw) < EVENT_SIZE:
+            raise UnknownRecord(f"record of {len(raw)} bytes, a weft_event has {EVENT_SIZE}")
+        version, sport, dport, ts_ns = _RECORD.unpack_from(raw)
+        if version != abi.EVENT_VERSION:
+            raise UnknownRecord(f"event version {version}, this agent reads {abi.EVENT_VERSION}")
+        if enrich is not self._enrich:
+            self._enrich, self._templates = enrich, {}
+        key = raw[:36] + raw[40:76]
+        tpl = self._templates.get(key)
+        wall_ns = ts_ns + offset_ns
+        if tpl is not None:
+            egress = enrich.rules_by_cookie(tpl.egress) if tpl.egress else ()
+            ingress = enrich.rules_by_cookie(tpl.ingress) if tpl.ingress else ()
+            names = enrich.names_of(*tpl.names_key)
+            if egress != tpl.egress_rules or ingress != tpl.ingress_rules or names != tpl.names:
+                tpl = None
+        if tpl is None:
+            return self._new_template(key, abi.Event.from_buffer_copy(raw[:EVENT_SIZE]), wall_ns, enrich)
+        sport, dport = socket.ntohs(sport), socket.ntohs(dport)
+        time_text = rfc3339(wall_ns)
+        l4_key = tpl.l4_key
+        if l4_key is None:
+            l4 = tpl.static_l4
+        elif l4_key == "TCP":
+            l4 = {"TCP": {"source_port": sport, "destination_port": dport, "flags": tpl.flags}}
+        else:
+            l4 = {l4_key: {"source_port": sport, "destination_port": dport}}
+        out: list[Response] = []
+        node_name = enrich.node_name
+        ports = (sport, dport)
+        for index, static in enumerate(tpl.flows):
+            flow = static.copy()
+            flow["time"] = time_text
+            flow["l4"] = l4
+            response = FlowResponse(flow=flow, node_name=node_name, time=time_text)
+            response.kind = (tpl, index)
+            response.ports = ports
+            response.wire = None
+            out.append(response)
+        return out
+
+    def _new_template(self, key: bytes, event: abi.Event, wall_ns: int, enrich: Enrichment) -> list[Response]:
+        made = to_responses(event, wall_ns, enrich)
+        src_ip = event.source_text()
+        src_view = enrich.endpoints_by_id.get(int(event.src_ep_id)) or enrich.endpoints_by_ip.get(src_ip)
+        names_key = (f"{src_view.namespace}/{src_view.pod_name}" if src_view else "", event.destination_text())
+        egress, ingress = int(event.egress_cookie), int(event.ingress_cookie)
+        l4 = made[-1]["flow"]["l4"]
+        l4_key = next((k for k in ("TCP", "UDP", "SCTP") if k in l4), None)
+        tpl = FlowTemplate([dict(r["flow"]) for r in made], l4_key, l4, l4.get("TCP", {}).get("flags", {}), names_key,
+                           egress, ingress, enrich.rules_by_cookie(egress) if egress else (),
+                           enrich.rules_by_cookie(ingress) if ingress else (), enrich.names_of(*names_key))
+        if len(self._templates) >= MAX_TEMPLATES:
+            self._templates.clear()  # bounded: many kinds (a scan, many peers) cost a rebuild, not memory
+        self._templates[key] = tpl
+        sport, dport = event.ports()
+        out: list[Response] = []
+        for index, response in enumerate(made):
+            wrapped = FlowResponse(response)
+            wrapped.kind = (tpl, index)
+            wrapped.ports = (sport, dport)
+            wrapped.wire = None
+            out.append(wrapped)
+        return out
