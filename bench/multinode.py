@@ -11,8 +11,9 @@ lab's underlay bridge (``weft.lab.world.vnet_batch``), two node netns plugged in
 the lab nodes' uplink addresses and MTU, forwarding on and the lab nodes' nftables ruleset (copied
 with ``nft list ruleset``), and on each node one pod netns on a veth with the weft pod's addresses,
 MTU and default routes (a /32, /128 host route to it on the node, its gateway on the host veth).
-  overlay baseline, flannel's VXLAN backend: a VXLAN device per node (VNI 1, the lab's VXLAN port,
-    local address on the uplink, no learning, MTU = the weft pod's), the node's pod block's network
+  overlay baseline, flannel's VXLAN backend: a VXLAN device per node (VNI 1, the lab's VXLAN port
+    and outer UDP checksum setting, local address on the uplink, no learning, MTU = the weft
+    pod's; otherwise the kernel's defaults, as weft's device has them), the node's pod block's network
     address on it, a route to the other node's block via that node's VXLAN address (onlink), and
     static neighbour and fdb entries for it (VTEP MAC -> the other node's uplink address).
     The pod MTU on both sides is weft's overlay pod MTU (read from the weft pod's eth0).
@@ -93,7 +94,8 @@ from weft.lab.runtime import CniRuntime
 TARGET = {"overlay": 0.9, "direct": 1.0}
 BASELINE_NAME = {"overlay": "kernel VXLAN", "direct": "plain routing"}
 IDENTITY_TARGET_MS = 1000.0
-VXLAN_PORT_DEFAULT = 8472  # the agent's default (Cilium's); the lab's node.json may say otherwise
+VXLAN_PORT_DEFAULT = 8472  # the agent's defaults; the lab's node.json may say otherwise
+TUNNEL_DEVICE_DEFAULT = "weft_vxlan"
 BASE_VXLAN = "vxlan0"
 BASE_VNI = 1
 SINK_PORT = 8080
@@ -132,6 +134,7 @@ class LabShape:
     server: PodShape  # on node-2
     nft_ruleset: str
     vxlan_port: int
+    vxlan_udp_csum: bool  # weft's VXLAN device's outer UDP checksum setting (the kernel's default: on)
 
 
 def link_json(netns: str, ifname: str) -> dict[str, Any]:
@@ -167,9 +170,14 @@ def lab_shape(lab: Lab, mode: str, client: PodInfo, server: PodInfo) -> LabShape
     state = lab.load()
     n1, n2 = lab.node(state, "node-1"), lab.node(state, "node-2")
     cluster = json.loads(Path(n1.config_path).read_text()).get("cluster") or {}
+    udp_csum = True
+    if mode == "overlay":
+        tunnel: list[dict[str, Any]] = json.loads(run("ip", "-n", n1.netns, "-d", "-j", "link", "show", "dev",
+                                                      str(cluster.get("tunnel_device", TUNNEL_DEVICE_DEFAULT))))
+        udp_csum = bool(tunnel[0]["linkinfo"]["info_data"].get("udp_csum", True))
     return LabShape(mode, (node_shape(n1), node_shape(n2)), pod_shape(client.netns), pod_shape(server.netns),
                     run(*in_netns(n1.netns, ["nft", "list", "ruleset"])),
-                    int(cluster.get("vxlan_port", VXLAN_PORT_DEFAULT)))
+                    int(cluster.get("vxlan_port", VXLAN_PORT_DEFAULT)), udp_csum)
 
 
 # ---------------------------------------------------------------------------- the baselines
@@ -262,7 +270,8 @@ def link_by_vxlan(base: Baseline, shape: LabShape) -> None:
         local = node.uplink_of(version)
         assert local is not None
         lines = [f"link add {BASE_VXLAN} address {vtep_mac(i)} mtu {shape.client.mtu} type vxlan id {BASE_VNI} "
-                 f"local {local.ip} dev {plan.UPLINK} dstport {shape.vxlan_port} nolearning",
+                 f"local {local.ip} dev {plan.UPLINK} dstport {shape.vxlan_port} nolearning "
+                 + ("udpcsum" if shape.vxlan_udp_csum else "noudpcsum"),
                  f"link set {BASE_VXLAN} up"]
         lines += [f"addr add {b.network_address}/{b.max_prefixlen} dev {BASE_VXLAN}"
                   + (" nodad" if b.version == 6 else "") for b in node.blocks]

@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "dns_proxy": ["dns_proxy.added_p99_ms", "dns_proxy.qps", "dns_proxy.memory", "dns_proxy.lookup_connect"],
     "observe": ["observe.events_lossless", "observe.throughput", "observe.aggregated_lossless",
                 "observe.ring_memory_mib"],
+    "multinode": ["multinode.overlay_tcp", "multinode.overlay_rr", "multinode.direct_tcp", "multinode.direct_rr",
+                  "multinode.identity_p99_ms", "multinode.identity_policy"],
 }
 TARGET_TEXT = {
     "cni_rate": "ADD+DEL pairs/s >= 1.0x bridge+host-local",
@@ -53,6 +55,12 @@ TARGET_TEXT = {
     "observe.throughput": "TCP with observability on >= 0.95x off",
     "observe.aggregated_lossless": "aggregated traffic observed without a lost event",
     "observe.ring_memory_mib": "a full flow ring (4,095 flows) < 32 MiB",
+    "multinode.overlay_tcp": "cross-node TCP 1 stream, overlay >= 0.9x kernel VXLAN",
+    "multinode.overlay_rr": "cross-node 1-byte req/resp, overlay >= 0.9x kernel VXLAN",
+    "multinode.direct_tcp": "cross-node TCP 1 stream, direct >= 1.0x plain routing",
+    "multinode.direct_rr": "cross-node 1-byte req/resp, direct >= 1.0x plain routing",
+    "multinode.identity_p99_ms": "new pod's identity enforced on another node, p99 < 1 s (etcd)",
+    "multinode.identity_policy": "every checked new pod connects through a policy allowing only its labels",
 }
 
 
