@@ -21,9 +21,9 @@ import grpc
 import typer
 
 from weft.cli.output import console, err_console
-from weft.hubble import convert
+from weft.hubble import batch, convert
 from weft.hubble import relay as relay_process
-from weft.hubble.proto import observer_grpc
+from weft.hubble.proto import observer_grpc, observer_pb2
 from weft.hubble.relay import relay_socket
 from weft.hubble.server import hubble_socket
 from weft.lab.cluster import Lab, LabError
@@ -183,14 +183,30 @@ def _shown(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _batches(target: Target, request: Any) -> Iterator[list[Any]]:
+    """A target's followed stream as lists of GetFlowsResponse messages: weft's FlowBatches, or
+    Hubble's GetFlows (one response a list) from a server without them."""
+    with grpc.insecure_channel(target.address) as channel:
+        call = channel.unary_stream(batch.PATH, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString)
+        try:
+            for blob in call(request):
+                yield list(batch.FlowBatch.FromString(blob).responses)
+            return
+        except grpc.RpcError as exc:
+            if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        for message in observer_grpc.ObserverStub(channel).GetFlows(request):
+            yield [message]
+
+
 def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: bool) -> None:
     """Print every target's stream as it comes (one thread per target feeds a queue)."""
-    inbox: queue.Queue[tuple[Target, dict[str, Any] | grpc.RpcError]] = queue.Queue()
+    inbox: queue.Queue[tuple[Target, list[Any] | grpc.RpcError]] = queue.Queue(maxsize=64)
 
     def pump(target: Target) -> None:
         try:
-            for response in _stream(target, request, None):
-                inbox.put((target, response))
+            for messages in _batches(target, request):
+                inbox.put((target, messages))
         except grpc.RpcError as exc:
             inbox.put((target, exc))
 
@@ -198,6 +214,7 @@ def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: b
         threading.Thread(target=pump, args=(target,), daemon=True, name=f"observe {target.name}").start()
     header = True
     alive = len(chosen)
+    json_lines = convert.JsonLines() if output == OutputFormat.json else None
     try:
         while alive:
             target, item = inbox.get()
@@ -205,7 +222,15 @@ def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: b
                 err_console.print(f"[yellow]{_rpc_error(target, item)}[/yellow]", highlight=False)
                 alive -= 1
                 continue
-            shown = _shown([item])
+            if json_lines is not None:
+                # -o json: straight from the messages to text (node notices still to stderr).
+                lines = [json_lines.line(m) for m in item if not m.HasField("node_status")
+                         or _shown([convert.message_to_response(m)])]
+                if lines:
+                    sys.stdout.write("\n".join(lines) + "\n")
+                    sys.stdout.flush()
+                continue
+            shown = _shown([convert.message_to_response(m) for m in item])
             if shown:
                 _print(shown, output, painted, header=header)
                 header = False

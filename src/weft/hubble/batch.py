@@ -22,6 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from weft.hubble import convert
 from weft.hubble.proto import observer_pb2
+from weft.observe.flow import parse_time
 
 SERVICE = "weft.hubble.Batches"
 METHOD = "GetFlowBatches"
@@ -97,7 +98,7 @@ def _timestamp(text: str) -> bytes | None:
     head = text[:19]
     cached_head, seconds = _seconds_cache
     if cached_head != head:
-        seconds = convert.parse_time(head + "Z") // 1_000_000_000
+        seconds = parse_time(head + "Z") // 1_000_000_000
         _seconds_cache = (head, seconds)
     nanos = int(text[20:29])
     return (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(nanos) if nanos else b"")
@@ -137,11 +138,13 @@ def response_wire(item: Mapping[str, Any]) -> bytes:
         l4 = _field(6, _field(_L4_FIELDS[l4_key], body))
     else:
         l4 = b""
-    flow_bytes = _field(1, stamp) + rest_bytes + l4
-    wire = b"\x0a" + varint(len(flow_bytes)) + flow_bytes + node + _RESPONSE_TIME_TAG + varint(len(stamp)) + stamp
-    item.wire = wire  # type: ignore[attr-defined]
-    return wire
+    flow_bytes: bytes = _field(1, stamp) + rest_bytes + l4
+    made: bytes = (b"\x0a" + varint(len(flow_bytes)) + flow_bytes + node
+                   + _RESPONSE_TIME_TAG + varint(len(stamp)) + stamp)
+    item.wire = made  # type: ignore[attr-defined]
+    return made
 
 
 def message_wire(message: Any) -> bytes:
-    return bytes(message.SerializeToString())
+    out: bytes = message.SerializeToString()
+    return out

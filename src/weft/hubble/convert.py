@@ -11,6 +11,7 @@ cannot apply is refused by name (:class:`UnsupportedFilter`), never ignored.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -210,6 +211,64 @@ def _timestamp_text(seconds: int, nanos: int) -> str:
     if nanos % 1_000 == 0:
         return f"{head}.{nanos // 1_000:06d}Z"
     return f"{head}.{nanos:09d}Z"
+
+
+class JsonLines:
+    """GetFlowsResponse messages -> ``weft observe -o json`` lines, exactly the text of
+    ``json_line(message_to_response(m))`` at a fraction of its cost: a flow's fields other than
+    its time and l4 are turned into JSON once per distinct value (their serialized bytes are the
+    key) and reused; only time and l4 (ports) are written per flow. Anything but a flow takes
+    the plain path."""
+
+    MAX_KINDS = 4096
+
+    def __init__(self) -> None:
+        self._rest: dict[bytes, tuple[str, str]] = {}
+        self._l4: dict[bytes, str] = {}
+        self._numbers = {f.name: f.number for f in flow_pb2.Flow.DESCRIPTOR.fields}
+        self._l4_number = flow_pb2.Flow.DESCRIPTOR.fields_by_name["l4"].number
+
+    def line(self, message: Any) -> str:
+        if not message.HasField("flow"):
+            response = message_to_response(message)
+            return _json_text(response.get("flow", response))
+        flow = message.flow
+        parts = []
+        if flow.HasField("time"):
+            stamp = flow.time
+            parts.append('"time":"' + _timestamp_text(stamp.seconds, stamp.nanos) + '"')
+            flow.ClearField("time")
+        l4_text = ""
+        if flow.HasField("l4"):
+            l4_key = flow.l4.SerializeToString()
+            l4_text = self._l4.get(l4_key, "")
+            if not l4_text:
+                if len(self._l4) >= self.MAX_KINDS:
+                    self._l4.clear()
+                l4_text = self._l4[l4_key] = '"l4":' + _json_text(_message_dict(flow.l4))
+            flow.ClearField("l4")
+        key = flow.SerializeToString()
+        rest = self._rest.get(key)
+        if rest is None:
+            if len(self._rest) >= self.MAX_KINDS:
+                self._rest.clear()
+            before: list[str] = []
+            after: list[str] = []
+            for name, value in _message_dict(flow).items():
+                (before if self._numbers[name] < self._l4_number else after).append(
+                    _json_text(name) + ":" + _json_text(value))
+            rest = self._rest[key] = (",".join(before), ",".join(after))
+        if rest[0]:
+            parts.append(rest[0])
+        if l4_text:
+            parts.append(l4_text)
+        if rest[1]:
+            parts.append(rest[1])
+        return "{" + ",".join(parts) + "}"
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))  # as weft.observe.output.json_line
 
 
 def response_time_ns(response: Mapping[str, Any]) -> int:

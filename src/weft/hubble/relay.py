@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from weft.hubble import convert
+from weft.hubble import batch, convert
 from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
 from weft.hubble.server import VERSION, hubble_socket, serve, window
 
@@ -127,6 +127,54 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def GetFlowBatches(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        """GetFlows in FlowBatches (:mod:`weft.hubble.batch`). Following, each node's batches are
+        passed on as they come, never parsed here (a node without batches is followed with
+        GetFlows, each response a batch of one); else GetFlows' merged answer, batched."""
+        try:
+            window(request)
+        except (convert.UnsupportedFilter, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        if not request.follow:
+            wires = [batch.message_wire(m) async for m in self.GetFlows(request, context)]
+            for blob in batch.batches(wires):
+                yield blob
+            return
+        # Bounded: a slow client holds the nodes' streams back (their own queues then count losses).
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+
+        async def pump(peer: Peer) -> None:
+            try:
+                try:
+                    async for blob in self._batch_stub(peer)(request):
+                        await queue.put(blob)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    async for response in self._stub(peer).GetFlows(request):
+                        await queue.put(batch.frame([batch.message_wire(response)]))
+            except grpc.aio.AioRpcError as exc:
+                self._forget(peer)
+                await queue.put(batch.frame([batch.message_wire(
+                    _node_status([peer.name], exc.details() or str(exc.code())))]))
+
+        tasks = [asyncio.create_task(pump(p)) for p in self.peers]
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _batch_stub(self, peer: Peer) -> Any:
+        self._stub(peer)  # the peer's channel, made if need be
+        return self._channels[peer.name].unary_stream(
+            batch.PATH, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString)
 
     async def _statuses(self) -> list[tuple[Peer, Any | None]]:
         async def one(peer: Peer) -> Any | None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from weft.hubble import convert
+from weft.hubble import batch, convert
 from weft.hubble.proto import flow_pb2, observer_grpc, observer_pb2, relay_pb2
 from weft.observe import flow as flows
 from weft.observe.ring import FlowRing, ReadResult
@@ -144,6 +144,47 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
             for item in news.items:
                 yield win.message(item)
 
+    async def GetFlowBatches(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        """GetFlows in FlowBatches (:mod:`weft.hubble.batch`): what GetFlows would stream, many
+        responses per message, each serialized once however many followers get it."""
+        try:
+            win = window(request)
+        except (convert.UnsupportedFilter, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        wire = batch.response_wire if win.mask is None else (lambda item: batch.message_wire(win.message(item)))
+
+        def read_first() -> ReadResult:
+            return self.ring.read(after=None, keep=win.keep, first=win.first, last=win.last)
+
+        if request.follow and self.source is not None:
+            sub_id, follower, result = self.source.subscribe(win.keep, read_first, by_kind=win.timeless)
+            try:
+                for blob in batch.batches(wire(item) for item in result.items):
+                    yield blob
+                while True:
+                    items, lost = follower.poll(batch.MAX_BATCH_FLOWS)
+                    if lost:
+                        items.insert(0, flows.lost_response(flows.LOST_FLOW_RING, lost, self.node_name,
+                                                            time.time_ns()))
+                    if not items:
+                        await asyncio.sleep(FOLLOW_IDLE_S)
+                        continue
+                    for blob in batch.batches(wire(item) for item in items):
+                        yield blob
+            finally:
+                self.source.unsubscribe(sub_id)
+            return
+        # No queue to follow (a bare ring) or no follow: GetFlows' own stream, batched.
+        chunk: list[bytes] = []
+        async for message in self.GetFlows(request, context):
+            chunk.append(batch.message_wire(message))
+            if len(chunk) >= batch.MAX_BATCH_FLOWS or request.follow:  # a follower gets what comes at once
+                yield batch.frame(chunk)
+                chunk = []
+        if chunk:
+            yield batch.frame(chunk)
+
     async def _drain(self, follower: Follower) -> AsyncIterator[dict[str, Any]]:
         """A follower's queue, as it fills. Never blocks the event loop (the agent's API and
         CNI requests share it): polls without waiting, sleeps while empty."""
@@ -180,6 +221,12 @@ async def serve(servicer: Any, addresses: list[str], optional: list[str] | None 
     an ``optional`` address that cannot be bound is skipped (added to ``skipped``, with why)."""
     server = grpc.aio.server()
     observer_grpc.add_ObserverServicer_to_server(servicer, server)
+    if hasattr(servicer, batch.METHOD):
+        # Bytes out as they are: the servicer yields serialized FlowBatches.
+        handler = grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, batch.METHOD), request_deserializer=observer_pb2.GetFlowsRequest.FromString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(batch.SERVICE,
+                                                                               {batch.METHOD: handler}),))
     for address in addresses:
         if address.startswith("unix://"):
             Path(address.removeprefix("unix://")).unlink(missing_ok=True)

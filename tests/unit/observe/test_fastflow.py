@@ -107,3 +107,28 @@ def test_templated_wire_equals_the_message_path() -> None:
     parsed = batch.FlowBatch.FromString(b"".join(batch.batches(wires)))
     assert [convert.message_to_response(m) for m in parsed.responses] == [
         convert.message_to_response(convert.response_to_message(r)) for r in made]
+
+
+def test_json_lines_print_what_json_line_prints() -> None:
+    from weft.hubble import convert
+    from weft.hubble.proto import observer_pb2
+    from weft.observe.output import json_line
+
+    enrich = flows.Enrichment(node_name="node-1", endpoints_by_id=VIEWS, interfaces={5: "lxc1"},
+                              rules_by_cookie=lambda c: ("cnp default/sink-ingress ingress[0]",) if c == 7 else (),
+                              names_of=lambda _pod, _ip: ("sink.example",))
+    maker = flows.FlowMaker()
+    responses: list[flows.Response] = []
+    for proto, tcp_flags, sport, ts in itertools.product((6, 17, 1, 47), (0, 0x12), (0, 40000, 40001),
+                                                         (0, 1_500_000_000, 1_000_000)):
+        raw = _event(proto, abi.VERDICT_DROPPED if sport else abi.VERDICT_FORWARDED,
+                     abi.Metric.DROP_POLICY_INGRESS if sport else abi.Metric.FWD_PEER_V4,
+                     0 if sport else abi.EV_F_POLICY | abi.EV_F_CT_NEW | abi.EV_F_REPLY, tcp_flags, sport, 53, ts=ts)
+        responses += maker.make(raw, 1_700_000_000_000_000_000, enrich)
+    responses.append(flows.lost_response(flows.LOST_KERNEL_RING, 3, "node-1", 1_700_000_000_000_000_000))
+    lines = convert.JsonLines()
+    for _ in range(2):  # the second time from its caches
+        for response in responses:
+            wire = convert.response_to_message(response).SerializeToString()
+            expected = json_line(convert.message_to_response(observer_pb2.GetFlowsResponse.FromString(wire)))
+            assert lines.line(observer_pb2.GetFlowsResponse.FromString(wire)) == expected
