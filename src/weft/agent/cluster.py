@@ -171,8 +171,13 @@ class ClusterSync:
         watcher = self.store.watch("weft/", state.revision + 1)
         self.connected, self.last_error = True, ""
         try:
+            # etcd's watcher reconnects by itself and resumes where it stopped; it says whether
+            # it is connected now.
+            link = getattr(watcher, "connected", None)
             while not self._stop.is_set():
                 events = watcher.get(0.5)
+                if isinstance(link, threading.Event):
+                    self.connected = link.is_set()
                 if not events:
                     continue
                 # A batch of changes: re-read them as one consistent snapshot is simplest and

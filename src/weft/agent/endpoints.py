@@ -498,6 +498,7 @@ class EndpointManager:
                 "nodes": sorted(remote.nodes) if remote else [],
                 "remote_endpoints": sum(1 for ep in remote.endpoints.values() if ep.node != self.config.node_name)
                 if remote else 0,
+                "identities": sorted(remote.identities) if remote else [],
                 "tunnels": {str(net): str(route.address) for net, route in self.datapath.tunnels().items()}}
 
     def _proxy_health(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ CIDR identities changed, and only the prefixes that did.
 from __future__ import annotations
 
 import gc
+import ipaddress
 import json
 import logging
 import zlib
@@ -472,6 +473,15 @@ class PolicyController:
         except Exception:  # a fresh map
             return {}
 
+    def _remote_identity(self, ref: str) -> int | None:
+        if not self.remote_ipcache:
+            return None
+        try:
+            address = ipaddress.ip_address(ref)
+        except ValueError:
+            return None
+        return self.remote_ipcache.get(ipaddress.ip_network(address))
+
     def forget(self, record: EndpointRecord) -> None:
         self._release(record.ep_id)
         self.flags.pop(record.ep_id, None)
@@ -485,6 +495,9 @@ class PolicyController:
             record = find(ref)
             if record is not None:
                 return self.subject(record)
+            remote = self._remote_identity(ref)
+            if remote is not None:
+                return remote  # a pod (or a node) elsewhere in the cluster: its identity
             try:
                 return self.repo.identity_of_address(ref)
             except ValueError as exc:

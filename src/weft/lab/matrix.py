@@ -47,8 +47,19 @@ def connectivity_matrix(lab: Lab, namespaces: list[str], ports: list[int], proto
     def run(check: tuple[PodInfo, PodInfo, str, int, str]) -> dict[str, Any]:
         src, dst, address, port, proto = check
         node = lab.node(state, src.node)
-        expected = lab.client(node).call("policy.trace", {"from": src.key, "to": dst.key if dst.node == src.node
-                                                          else address, "port": port, "protocol": proto})["verdict"]
+        if dst.node == src.node:
+            expected = lab.client(node).call("policy.trace", {"from": src.key, "to": dst.key, "port": port,
+                                                              "protocol": proto})["verdict"]
+        else:
+            # Across nodes each side judges its own part, as the datapath does: the source's
+            # node its egress (the destination known by its cluster identity), the destination's
+            # node its ingress (the source by the identity the packet carries).
+            expected = lab.client(node).call("policy.trace", {"from": src.key, "to": address, "port": port,
+                                                              "protocol": proto})["verdict"]
+            src_address = next((a for a in src.addresses if (":" in a) == (family == 6)), None)
+            if expected == "allowed" and src_address is not None:
+                expected = lab.client(lab.node(state, dst.node)).call(
+                    "policy.trace", {"from": src_address, "to": dst.key, "port": port, "protocol": proto})["verdict"]
         observed = _observed(probe(src.netns, proto, address, port, timeout=1.0).outcome)
         return {"from": src.key, "to": dst.key, "address": address, "port": port, "protocol": proto,
                 "expected": expected, "observed": observed, "match": expected == observed}
