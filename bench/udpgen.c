@@ -4,7 +4,7 @@
  *
  * Sends SIZE-byte (default 16) UDP datagrams to HOST:PORT at RATE packets per second (0: as
  * fast as one thread can) for SECONDS seconds, spread round-robin over FLOWS sockets (default 1),
- * i.e. FLOWS distinct source ports. Batches of up to 256 datagrams go out with one sendmmsg; the
+ * i.e. FLOWS distinct source ports. Batches of up to 64 datagrams go out with one sendmmsg; the
  * pacing keeps the running total at RATE x elapsed (it never bursts more than one batch ahead).
  * Datagrams the kernel refused (ENOBUFS, ECONNREFUSED after an ICMP error) are counted, not
  * retried. Prints one JSON line: sent, refused, seconds, rate. Built by bench/common.py.
@@ -20,7 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BATCH 256
+#define BATCH 64
 #define MAX_FLOWS 1024
 
 static double now_s(void)
