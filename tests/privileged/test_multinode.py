@@ -360,3 +360,17 @@ def test_unused_identities_are_collected(direct: Lab) -> None:
         return ident not in status(direct, "node-2")["cluster"]["identities"]
 
     wait_until("the identity is collected", collected, timeout=15)
+
+
+def test_ipv6_only_overlay_tunnels_over_the_ipv6_underlay() -> None:
+    lab = Lab(unique_lab_name("o6"))
+    try:
+        lab.up(nodes=2, ip_family="ipv6", mode="overlay")
+        p = pods(lab, "v6", {"a": ("node-1", {"app": "a6"}), "b": ("node-2", {"app": "b6"})})
+        link = json.loads(in_netns(p["a"].netns, "ip", "-j", "link", "show", "eth0").stdout)[0]
+        assert link["mtu"] == 1430, "1500 less VXLAN over IPv6 (70 octets)"
+        tunnels = status(lab, "node-1")["cluster"]["tunnels"]
+        assert tunnels and all(ipaddress.ip_address(gw).version == 6 for gw in tunnels.values()), tunnels
+        assert reaches(lab, p["a"], p["b"], 6) and reaches(lab, p["b"], p["a"], 6, "udp")
+    finally:
+        lab.down(quiet=True)
