@@ -522,7 +522,7 @@ def connectivity_matrix(lab: LabOpt = "weft",
 @app.command("demo")
 def demo(lab: Annotated[str, typer.Option("--lab")] = "weft-demo",
          keep: Annotated[bool, typer.Option("--keep", help="leave the lab up afterwards")] = False) -> None:
-    """A one-node lab with three pods; pod-to-pod connectivity over IPv4 and IPv6."""
+    """A two-node lab (VXLAN overlay) with three pods; connectivity across nodes, policies, the flows."""
     from weft.lab.demo import run_demo
 
     raise typer.Exit(run_demo(lab, keep=keep))

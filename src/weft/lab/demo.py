@@ -1,4 +1,4 @@
-"""``make demo``: a one-node lab with its world (kube-dns, a DNS server and servers beyond the
+"""``make demo``: a two-node lab with its world (kube-dns, a DNS server and servers beyond the
 node's uplink), three pods, connectivity over IPv4 and IPv6 through the eBPF datapath, a
 least-privilege L4 policy, the seed's FQDN policy (app=genai_backend may resolve
 *.myblobstorage.com through kube-dns and reach app1.myblobstorage.com, nothing else) enforced by
@@ -25,13 +25,15 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
     lab.down(quiet=True)
     failures = 0
     try:
-        with console.status("bringing up a one-node lab"):
-            state = lab.up(nodes=1, ip_family="dual")
-        console.print(f"[bold]lab {lab_name}[/bold]: node-1 in netns {state.nodes[0].netns}, agent running")
+        with console.status("bringing up a two-node lab (VXLAN overlay, SQLite cluster store)"):
+            state = lab.up(nodes=2, ip_family="dual", mode="overlay", store="sqlite")
+        console.print(f"[bold]lab {lab_name}[/bold]: " + ", ".join(f"{n.name} in netns {n.netns}" for n in state.nodes)
+                      + f", an agent each; {state.mode} mode, {state.store} cluster store")
+        # db on the other node: its traffic crosses the overlay, its policy holds there.
         pods = [
-            lab.pod_add("default/frontend", labels={"app": "frontend"}, serve=["tcp:80", "udp:53"]),
-            lab.pod_add("default/backend", labels={"app": "backend"}, serve=["tcp:80", "udp:53"]),
-            lab.pod_add("default/db", labels={"app": "db"}, serve=["tcp:80", "udp:53"]),
+            lab.pod_add("default/frontend", node_name="node-1", labels={"app": "frontend"}, serve=["tcp:80", "udp:53"]),
+            lab.pod_add("default/backend", node_name="node-1", labels={"app": "backend"}, serve=["tcp:80", "udp:53"]),
+            lab.pod_add("default/db", node_name="node-2", labels={"app": "db"}, serve=["tcp:80", "udp:53"]),
         ]
         t = Table(title="pods (wired by weft-cni, as containerd would)")
         for col in ("POD", "NODE", "IPv4", "IPv6"):
@@ -58,23 +60,25 @@ def run_demo(lab_name: str, keep: bool = False) -> int:
                                     _mark(udp.ok, udp.outcome))
         console.print(results)
 
-        failures += _policy_step(lab, state.nodes[0], pods)
+        failures += _policy_step(lab, state.nodes, pods)
         failures += _fqdn_step(lab, state.nodes[0])
-        status = lab.client(state.nodes[0]).call("status")
-        counters = Table(title="eBPF datapath counters on node-1 (forwarding never used the node's IP stack)")
+        counters = Table(title="eBPF datapath counters (pod traffic never used the nodes' IP stacks)")
         counters.add_column("COUNTER")
-        counters.add_column("PACKETS", justify="right")
-        for name, value in status["counters"].items():
-            if value["packets"]:
-                counters.add_row(name, str(value["packets"]))
+        for node in state.nodes:
+            counters.add_column(f"{node.name} PACKETS", justify="right")
+        per_node = [lab.client(node).call("status")["counters"] for node in state.nodes]
+        for name in per_node[0]:
+            if any(c[name]["packets"] for c in per_node):
+                counters.add_row(name, *(str(c[name]["packets"]) for c in per_node))
         console.print(counters)
-        console.print("weft endpoint list:")
+        console.print("weft endpoint list (identities are cluster-wide: numbered by the cluster store):")
         ep = Table()
-        for col in ("ID", "POD", "ADDRESSES", "IDENTITY", "LABELS"):
+        for col in ("NODE", "ID", "POD", "ADDRESSES", "IDENTITY", "LABELS"):
             ep.add_column(col)
-        for row in lab.client(state.nodes[0]).call("endpoint.list"):
-            ep.add_row(str(row["id"]), row["pod"], "\n".join(row["addresses"]), str(row["identity"]),
-                       "\n".join(row["labels"]))
+        for node in state.nodes:
+            for row in lab.client(node).call("endpoint.list"):
+                ep.add_row(node.name, str(row["id"]), row["pod"], "\n".join(row["addresses"]), str(row["identity"]),
+                           "\n".join(row["labels"]))
         console.print(ep)
     except LabError as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
@@ -108,11 +112,13 @@ spec:
 """
 
 
-def _policy_step(lab: Lab, node: Any, pods: list[Any]) -> int:
-    """Apply a least-privilege policy and show it hold on real packets."""
+def _policy_step(lab: Lab, nodes: list[Any], pods: list[Any]) -> int:
+    """Apply a least-privilege policy (to every node, as `weft apply` does) and show it hold on
+    real packets across nodes."""
     frontend, backend, db = pods
     console.print("\n[bold]policy[/bold] db-from-backend-only: only app=backend may reach app=db, on 80/tcp")
-    result = lab.client(node).call("policy.apply", {"files": [{"name": "demo-policy.yaml", "text": DEMO_POLICY}]})
+    for node in nodes:
+        result = lab.client(node).call("policy.apply", {"files": [{"name": "demo-policy.yaml", "text": DEMO_POLICY}]})
     console.print(f"applied: {', '.join(result['created'] + result['configured'])} (revision {result['revision']})")
     t = Table(title="after the policy (real packets; denied = dropped in the datapath)")
     for col in ("FROM", "TO", "PORT", "EXPECTED", "OBSERVED"):
@@ -128,8 +134,8 @@ def _policy_step(lab: Lab, node: Any, pods: list[Any]) -> int:
         failures += seen != want
         t.add_row(src.key, dst.key, f"{port}/{proto}", want, _mark(seen == want, seen) if seen != want else seen)
     console.print(t)
-    counters = lab.client(node).call("status")["counters"]
-    console.print(f"drops by reason: policy (ingress) {counters['drop_policy_ingress']['packets']}, "
+    counters = lab.client(nodes[1] if len(nodes) > 1 else nodes[0]).call("status")["counters"]
+    console.print(f"drops by reason on db's node: policy (ingress) {counters['drop_policy_ingress']['packets']}, "
                   f"explicit deny {counters['drop_policy_deny']['packets']}")
     return failures
 
@@ -142,7 +148,7 @@ def _fqdn_step(lab: Lab, node: Any) -> int:
     console.print("\n[bold]FQDN policy[/bold] allow-genai-to-blobstorage (the seed's, as plain YAML): "
                   "app=genai_backend may resolve *.myblobstorage.com through kube-dns and reach "
                   "app1.myblobstorage.com, nothing else")
-    genai = lab.pod_add("default/genai", labels={"app": "genai_backend"})
+    genai = lab.pod_add("default/genai", node_name=node.name, labels={"app": "genai_backend"})
     result = lab.client(node).call("policy.apply", {"files": [{"name": SEED_POLICY.name,
                                                                 "text": SEED_POLICY.read_text()}]})
     console.print(f"applied: {', '.join(result['created'] + result['configured'])} (revision {result['revision']})")
