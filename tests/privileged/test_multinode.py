@@ -362,6 +362,20 @@ def test_unused_identities_are_collected(direct: Lab) -> None:
     wait_until("the identity is collected", collected, timeout=15)
 
 
+def test_direct_node_removal_removes_the_routes(direct: Lab) -> None:
+    """Last of the direct lab: node-2 leaves; node-1's routes and tunnel entries to it go."""
+    def routes() -> list[str]:
+        out = in_netns(direct.node(direct.load(), "node-1").netns, "ip", "-j", "route", "show", "proto", "201").stdout
+        v6 = in_netns(direct.node(direct.load(), "node-1").netns, "ip", "-6", "-j", "route", "show", "proto",
+                      "201").stdout
+        return sorted(r["dst"] for r in json.loads(out) + json.loads(v6))
+
+    assert routes() == ["172.30.130.0/24", "fd00:172:30:0:8002::/80"]
+    direct.node_remove("node-2")
+    wait_until("node-1 forgets node-2", lambda: status(direct, "node-1")["cluster"]["nodes"] == ["node-1"])
+    assert routes() == [] and status(direct, "node-1")["cluster"]["tunnels"] == {}
+
+
 def test_ipv6_only_overlay_tunnels_over_the_ipv6_underlay() -> None:
     lab = Lab(unique_lab_name("o6"))
     try:

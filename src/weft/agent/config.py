@@ -33,9 +33,10 @@ class ClusterSettings(BaseModel):
     addresses: list[str] = Field(min_length=1)
     tunnel_device: str = TUNNEL_DEVICE
     vxlan_port: int = Field(default=VXLAN_PORT, ge=1, le=65535)
-    # The node's keys (node record, endpoints, identity references) live as long as this lease;
-    # an agent restarting within it changes nothing for the other nodes.
-    lease_ttl_s: float = Field(default=60.0, gt=0)
+    # The node's keys (node record, endpoints, identity references) live as long as this lease
+    # (15 minutes, Cilium's kvstore lease TTL): an agent that is down for less changes nothing
+    # for the other nodes; a node that is gone for good is removed explicitly (or expires).
+    lease_ttl_s: float = Field(default=900.0, gt=0)
     identity_gc_interval_s: float = Field(default=30.0, gt=0)
 
     @field_validator("addresses")
