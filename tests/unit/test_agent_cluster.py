@@ -110,3 +110,22 @@ def test_a_number_the_node_holds_for_other_labels_is_refused(tmp_path: Path) -> 
         with pytest.raises(IdentityExhausted, match="256"):
             alloc.acquire(frozenset({Label("k8s", "app", "new")}))
         assert alloc.renumber(frozenset({Label("k8s", "app", "old")}), 300) == 256
+
+
+def test_a_record_that_does_not_decode_is_skipped_and_named(tmp_path: Path) -> None:
+    from weft.agent.cluster import ClusterSync
+    from weft.agent.config import NodeConfig
+    from weft.store.cluster import Nodes
+
+    settings = ClusterSettings(store="sqlite", store_path=tmp_path / "s.db", addresses=["172.30.1.1"])
+    config = NodeConfig(node_name="node-1", state_dir=tmp_path, socket_path=tmp_path / "a.sock", pin_dir=tmp_path,
+                        pod_block_v4="10.244.1.0/24", pod_block_v6="fd12::1:0/112", cluster=settings)
+    with SqliteStore(str(tmp_path / "s.db")) as store:
+        Nodes(store).register(N2, 0)
+        store.put("weft/nodes/node-9", b"{not json")
+        store.put("weft/identities/id/300", b'"k8s:app=a"')
+        sync = ClusterSync(config, settings, store, lambda fn: fn())
+        state = sync._snapshot()
+        assert list(state.nodes) == ["node-2"] and state.identities == {}
+        assert sorted(p.split(":")[0] for p in sync.bad_records) == ["weft/identities/id/300", "weft/nodes/node-9"]
+        assert "not JSON" in next(p for p in sync.bad_records if "node-9" in p)

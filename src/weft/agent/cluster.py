@@ -16,6 +16,7 @@ datapath worker, the node's single writer (``run_on_worker``).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -26,10 +27,10 @@ from weft.agent.config import ClusterSettings, NodeConfig, pick_underlay
 from weft.agent.errors import TRY_AGAIN_LATER, AgentError
 from weft.identity.allocator import CLUSTER_MAX, CLUSTER_MIN, RESERVED
 from weft.policy import Policy
-from weft.store.cluster import Endpoints, Identities, Nodes, Policies
+from weft.store.cluster import Endpoints, Identities, Keys, Nodes, Policies
 from weft.store.kv import Store, StoreError
-from weft.store.records import Endpoint, Node
-from weft.store.session import ClusterState, Heartbeat, snapshot
+from weft.store.records import Endpoint, Node, decode_json
+from weft.store.session import ClusterState, Heartbeat
 from weft.types.addresses import IPNetwork
 from weft.types.labels import Label, LabelSet
 
@@ -112,6 +113,8 @@ class ClusterSync:
         self.last_error = ""
         self.applied_revision = 0
         self.resyncs = 0
+        self.bad_records: list[str] = []  # store records that did not decode (skipped)
+        self.keys = Keys()
         self._started = False
         self._republish = False
         self._stop = threading.Event()
@@ -165,10 +168,10 @@ class ClusterSync:
         """A snapshot, applied whole, then the watch from the revision after it; any trouble
         ends here and the caller starts over with a new snapshot (what changed meanwhile is
         in it)."""
-        state = snapshot(self.store)
+        state = self._snapshot()
         self.resyncs += 1
         self._apply(state)
-        watcher = self.store.watch("weft/", state.revision + 1)
+        watcher = self.store.watch(self.keys.root, state.revision + 1)
         self.connected, self.last_error = True, ""
         try:
             # etcd's watcher reconnects by itself and resumes where it stopped; it says whether
@@ -182,10 +185,38 @@ class ClusterSync:
                     continue
                 # A batch of changes: re-read them as one consistent snapshot is simplest and
                 # cheap at lab scale; the events only say that something changed.
-                state = snapshot(self.store)
+                state = self._snapshot()
                 self._apply(state)
         finally:
             watcher.close()
+
+    def _snapshot(self) -> ClusterState:
+        """The store's state at one revision; a record that does not decode (written by
+        something else, or corrupt) is left out and named in the status, never applied."""
+        kvs, rev = self.store.list_prefix(self.keys.root)
+        state = ClusterState(rev)
+        bad: list[str] = []
+        for kv in kvs:
+            name = kv.key.rsplit("/", 1)[1]
+            try:
+                if kv.key.startswith(self.keys.nodes):
+                    state.nodes[name] = Node.decode(kv.key, kv.value)
+                elif kv.key.startswith(self.keys.endpoints):
+                    state.endpoints[name] = Endpoint.decode(kv.key, kv.value)
+                elif kv.key.startswith(self.keys.ids):
+                    labels = json.loads(kv.value)
+                    if not isinstance(labels, list) or not labels:
+                        raise StoreError(f"store key {kv.key!r}: expected a JSON list of labels")
+                    state.identities[int(name)] = tuple(str(x) for x in labels)
+                elif kv.key.startswith(self.keys.policies):
+                    state.policies[name] = decode_json(kv.key, kv.value)
+            except (StoreError, ValueError) as exc:
+                bad.append(f"{kv.key}: {exc}")
+        if bad != self.bad_records:
+            for problem in bad:
+                log.error("cluster store: record skipped: %s", problem)
+        self.bad_records = bad
+        return state
 
     def _apply(self, state: ClusterState) -> None:
         view = RemoteView(state.revision, dict(state.nodes), dict(state.endpoints),
@@ -241,7 +272,8 @@ class ClusterSync:
     def status(self) -> dict[str, Any]:
         return {"store": self.settings.store, "mode": self.settings.mode, "connected": self.connected,
                 "lease": self.lease, "revision": self.applied_revision, "resyncs": self.resyncs,
-                "error": self.last_error, "lease_renewals": self.heartbeat.renewals}
+                "error": self.last_error, "lease_renewals": self.heartbeat.renewals,
+                "bad_records": list(self.bad_records)}
 
 
 # ---------------------------------------------------------------------- view -> node state
