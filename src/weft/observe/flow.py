@@ -34,12 +34,21 @@ EVENT_L7 = 129
 EVENT_TYPE_NAMES = {"drop": EVENT_DROP, "trace": EVENT_TRACE, "policy-verdict": EVENT_POLICY_VERDICT, "l7": EVENT_L7}
 
 # Trace observation points: Hubble's enum name, its trace sub-type number and its compact name.
+# A pod's packet to a pod of another node is seen where it leaves the node: encapsulated
+# (TO_OVERLAY, Cilium's TRACE_TO_OVERLAY) or routed out of the node's device (TO_NETWORK).
 OBSERVATION_POINTS: dict[str, tuple[int, str]] = {
     "TO_ENDPOINT": (0, "to-endpoint"),
     "TO_PROXY": (1, "to-proxy"),
     "TO_STACK": (3, "to-stack"),
+    "TO_OVERLAY": (4, "to-overlay"),
     "FROM_ENDPOINT": (5, "from-endpoint"),
+    "TO_NETWORK": (11, "to-network"),
 }
+# Datapath counters (the event's reason) that name where a forwarded packet left the node.
+_POINT_BY_REASON = {abi.Metric.FWD_PEER_V4: "TO_ENDPOINT", abi.Metric.FWD_PEER_V6: "TO_ENDPOINT",
+                    abi.Metric.TO_STACK_V4: "TO_STACK", abi.Metric.TO_STACK_V6: "TO_STACK",
+                    abi.Metric.TO_OVERLAY_V4: "TO_OVERLAY", abi.Metric.TO_OVERLAY_V6: "TO_OVERLAY",
+                    abi.Metric.ROUTED_V4: "TO_NETWORK", abi.Metric.ROUTED_V6: "TO_NETWORK"}
 
 VERDICT_NAMES = {abi.VERDICT_FORWARDED: "FORWARDED", abi.VERDICT_DROPPED: "DROPPED",
                  abi.VERDICT_REDIRECTED: "REDIRECTED"}
@@ -205,12 +214,10 @@ def to_responses(event: abi.Event, wall_ns: int, enrich: Enrichment) -> list[Res
     to_endpoint = bool(event.flags & abi.EV_F_TO_ENDPOINT)
     if verdict == "REDIRECTED":
         point = "TO_PROXY"
-    elif to_endpoint or reason in (abi.Metric.FWD_PEER_V4, abi.Metric.FWD_PEER_V6):
+    elif to_endpoint:
         point = "TO_ENDPOINT"
-    elif reason in (abi.Metric.TO_STACK_V4, abi.Metric.TO_STACK_V6):
-        point = "TO_STACK"
     else:
-        point = "FROM_ENDPOINT"
+        point = _POINT_BY_REASON.get(reason, "FROM_ENDPOINT") if reason is not None else "FROM_ENDPOINT"
     l4 = _l4(event)
     time_text = rfc3339(wall_ns)
     flow: Flow = {
