@@ -19,6 +19,7 @@ import pytest
 
 from weft.lab.cluster import NETNS_DIR, Lab, PodInfo
 from weft.lab.probe import probe
+from weft.lab.runtime import CniError
 
 from conftest import unique_lab_name
 from labutil import STREAM_CLIENT, counters, in_netns, pod_name, stream_progress, wait_until
@@ -332,10 +333,21 @@ def test_etcd_restart_under_traffic_then_new_identities_propagate(direct: Lab, t
         stream.advancing()
         wait_until("agents notice the store is gone",
                    lambda: not status(direct, "node-1")["cluster"]["connected"], timeout=30)
+        # Meanwhile: a pod of a label set the node already has an identity for is added (its
+        # endpoint reaches the store later); one that needs a new identity is refused, "try
+        # again later", leaving nothing behind.
+        late = direct.pod_add(f"default/{pod_name('elate')}", node_name="node-1", labels={"app": "eclient"})
+        endpoints_before = len(direct.client(direct.node(state, "node-1")).call("endpoint.list", {}))
+        with pytest.raises(CniError, match="cluster store"):
+            direct.pod_add(f"default/{pod_name('enope')}", node_name="node-1", labels={"app": "enovel"})
+        assert len(direct.client(direct.node(state, "node-1")).call("endpoint.list", {})) == endpoints_before
         direct.start_store(state)
         wait_until("agents resync with the store", lambda: all(
             status(direct, n)["cluster"]["connected"] for n in ("node-1", "node-2")), timeout=30)
         stream.advancing()
+        wait_until("the pod added during the outage is known on node-2", lambda:
+                   ipcache(direct, "node-2").get(f"{address(late, 4)}/32") == identity(direct, late))
+        assert reaches(direct, late, p["server"])
         # A pod made after the restart: its identity reaches node-2, whose policy lets it in.
         new = direct.pod_add(f"default/{pod_name('enew')}", node_name="node-1", labels={"app": "enew"})
         wait_until("node-2 enforces the new identity", lambda: reaches(direct, new, p["server"], timeout=0.5),

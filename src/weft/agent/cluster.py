@@ -100,7 +100,7 @@ class ClusterSync:
     """Joins the node to the cluster store and keeps the node in step with it."""
 
     def __init__(self, config: NodeConfig, settings: ClusterSettings, store: Store,
-                 run_on_worker: Callable[[Callable[[], None]], None]) -> None:
+                 run_on_worker: Callable[[Callable[[], object]], object]) -> None:
         self.config, self.settings, self.store = config, settings, store
         self.node = config.node_name
         self.run_on_worker = run_on_worker
@@ -121,6 +121,7 @@ class ClusterSync:
         self._thread = threading.Thread(target=self._run, daemon=True, name="weft-cluster-watch")
         # Set by the agent: (re)publish the node's own keys; apply what the others say.
         self.on_lease: Callable[[int], None] = lambda lease: None
+        self.on_resync: Callable[[], object] = lambda: None
         self.apply: Callable[[RemoteView], None] = lambda view: None
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,6 +172,8 @@ class ClusterSync:
         state = self._snapshot()
         self.resyncs += 1
         self._apply(state)
+        # What the node published while the store was away may be missing there.
+        self.run_on_worker(self.on_resync)
         watcher = self.store.watch(self.keys.root, state.revision + 1)
         self.connected, self.last_error = True, ""
         try:
@@ -180,7 +183,10 @@ class ClusterSync:
             while not self._stop.is_set():
                 events = watcher.get(0.5)
                 if isinstance(link, threading.Event):
-                    self.connected = link.is_set()
+                    was, self.connected = self.connected, link.is_set()
+                    if self.connected and not was:
+                        # Back after an outage: make up for what the store missed meanwhile.
+                        self.run_on_worker(self.on_resync)
                 if not events:
                     continue
                 # A batch of changes: re-read them as one consistent snapshot is simplest and

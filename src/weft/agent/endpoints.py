@@ -134,6 +134,7 @@ class EndpointManager:
         self.cluster = sync
         self.state.identities.cluster = sync.numbering
         sync.on_lease = self._on_lease
+        sync.on_resync = self.publish_own
         sync.apply = self.apply_cluster
         self.policy.on_change = sync.put_policies
         if settings.mode == "overlay":
@@ -147,10 +148,9 @@ class EndpointManager:
             self.datapath.attach_netdev(settings.uplink, index)
 
     def _on_lease(self, lease: int) -> None:
-        """(Re)publish the node's keys under ``lease``: its node record, a reference to every
-        cluster identity its endpoints use (renumbering any the store now numbers otherwise:
-        only if the store lost its data), its endpoints; and withdraw endpoints the store
-        still has for this node that it no longer holds."""
+        """(Re)publish the node's keys under a new ``lease``: its node record, a reference to
+        every cluster identity its endpoints use (renumbering any the store now numbers
+        otherwise: only if the store lost its data), its endpoints."""
         assert self.cluster is not None
         sync = self.cluster
         sync.register_node([str(b) for b in self.blocks.values()], lease)
@@ -171,14 +171,33 @@ class EndpointManager:
                         self._write_map_entries(record)
             self._save()
             self.policy.regenerate()
+        self.publish_own(force=True)
+
+    def publish_own(self, force: bool = False) -> dict[str, int]:
+        """Hold the store's record of this node's endpoints to the node's: publish what is
+        missing or stale there (``force``: everything), withdraw what the node no longer has.
+        Runs after every resync and periodically: a publication the store could not take when
+        the pod was added is made up for here."""
+        if self.cluster is None or not self.cluster.lease:
+            return {}
+        sync = self.cluster
+        sync.register_node([str(b) for b in self.blocks.values()], sync.lease)
         published = sync.published_endpoints()
         mine: set[str] = set()
+        sent = 0
         for record in self.state.endpoints.values():
-            if record.state == EP_READY:
-                mine.update(record.addresses)
+            if record.state != EP_READY:
+                continue
+            mine.update(record.addresses)
+            stale = any(published.get(ip) is None or published[ip].identity != record.identity
+                        for ip in record.addresses)
+            if force or stale:
                 self._publish_endpoint(record)
-        for ip in set(published) - mine:
+                sent += 1
+        gone = set(published) - mine
+        for ip in gone:
             sync.withdraw_endpoint(ip)
+        return {"published": sent, "withdrawn": len(gone)}
 
     def _publish_endpoint(self, record: EndpointRecord) -> None:
         if self.cluster is None:
@@ -215,7 +234,7 @@ class EndpointManager:
             return {}
         held = set(self.state.identities.by_labels.values())
         self.cluster.numbering.retry(held)
-        return {"freed": self.cluster.collect_garbage()}
+        return {"freed": self.cluster.collect_garbage(), "own": self.publish_own()}
 
     def remove_node(self, p: dict[str, Any]) -> dict[str, Any]:
         """Another node left the cluster: the store forgets its node record, endpoints and
