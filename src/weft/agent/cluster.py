@@ -298,26 +298,24 @@ def remote_ipcache(view: RemoteView, node: str) -> dict[IPNetwork, int]:
 
 
 def tunnel_routes(view: RemoteView, node: str, families: tuple[int, ...]) -> dict[str, str]:
-    """Other nodes' pod prefixes -> the underlay address they are reached at: for overlay, the
-    node's tunnel address; for direct routing, its address of the prefix's family."""
-    out: dict[str, str] = {}
-    for other in view.nodes.values():
-        if other.name == node:
-            continue
-        for cidr in other.pod_cidrs:
-            out[cidr] = pick_underlay(other.addresses, families)
-    return out
+    """Overlay: other nodes' pod prefixes -> the node's tunnel address (IPv4 when the cluster
+    runs IPv4, else IPv6)."""
+    return _prefix_routes(view, node, lambda cidr: families)
 
 
 def direct_routes(view: RemoteView, node: str) -> dict[str, str]:
+    """Direct routing: other nodes' pod prefixes -> the node's address of the prefix's family."""
+    return _prefix_routes(view, node, lambda cidr: (ipaddress.ip_network(cidr).version,))
+
+
+def _prefix_routes(view: RemoteView, node: str, families: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for other in view.nodes.values():
         if other.name == node:
             continue
         for cidr in other.pod_cidrs:
-            version = ipaddress.ip_network(cidr).version
             try:
-                out[cidr] = pick_underlay(other.addresses, (version,))
-            except ValueError:
-                log.warning("node %s has no IPv%d address for its pod prefix %s", other.name, version, cidr)
+                out[cidr] = pick_underlay(other.addresses, families(cidr))
+            except ValueError as exc:
+                log.warning("node %s: pod prefix %s unreachable: %s", other.name, cidr, exc)
     return out

@@ -350,10 +350,7 @@ class Lab:
         return proc.pid
 
     def stop_store(self, state: LabState, sig: int = signal.SIGTERM) -> None:
-        pid = state.store_pid
-        if pid and _alive(pid):
-            os.kill(pid, sig)
-            wait_for(f"etcd pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        _stop_process("etcd", state.store_pid, sig)
         state.store_pid = 0
         self.save(state)
 
@@ -506,10 +503,7 @@ class Lab:
 
     def stop_dnsproxy(self, state: LabState, node_name: str, sig: int = signal.SIGTERM) -> None:
         node = self.node(state, node_name)
-        pid = node.proxy_pid
-        if pid and _alive(pid):
-            os.kill(pid, sig)
-            wait_for(f"DNS proxy pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        _stop_process("DNS proxy", node.proxy_pid, sig)
         node.proxy_pid = 0
         self.save(state)
 
@@ -519,10 +513,7 @@ class Lab:
 
     def stop_agent(self, state: LabState, node_name: str, sig: int = signal.SIGTERM) -> None:
         node = self.node(state, node_name)
-        pid = node.agent_pid
-        if pid and _alive(pid):
-            os.kill(pid, sig)
-            wait_for(f"agent pid {pid} to exit", lambda: not _alive(pid), timeout=20)
+        _stop_process("agent", node.agent_pid, sig)
         node.agent_pid = 0
         self.save(state)
 
@@ -845,6 +836,13 @@ def _sockets(pid: int, proto: str, state: str) -> set[tuple[ipaddress.IPv4Addres
             raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             out.add((ipaddress.ip_address(raw), int(port_hex, 16)))
     return out
+
+
+def _stop_process(what: str, pid: int, sig: int) -> None:
+    """Signal a lab daemon and wait until it is gone (nothing to do when it is not running)."""
+    if pid and _alive(pid):
+        os.kill(pid, sig)
+        wait_for(f"{what} pid {pid} to exit", lambda: not _alive(pid), timeout=20)
 
 
 def _alive(pid: int) -> bool:
