@@ -426,7 +426,9 @@ class FlowTemplate:
         self.memo: dict[Any, Any] = {}
 
 
-_RECORD = struct.Struct("<B35x2H40xQ")  # version, (saddr..) sport, dport (network order), .., ts_ns
+# version, (reason.. saddr, daddr) sport, dport (network order), (.. pkt_len) ts_ns: offsets 0, 40, 42, 80.
+_RECORD = struct.Struct("<B39x2H36xQ")
+assert _RECORD.size == EVENT_SIZE and abi.Event.sport.offset == 40 and abi.Event.ts_ns.offset == 80
 MAX_TEMPLATES = 4096
 
 
@@ -452,7 +454,7 @@ class FlowMaker:
             raise UnknownRecord(f"event version {version}, this agent reads {abi.EVENT_VERSION}")
         if enrich is not self._enrich:
             self._enrich, self._templates = enrich, {}
-        key = raw[:36] + raw[40:76]
+        key = raw[:40] + raw[44:76]  # every byte but the ports, pkt_len and ts_ns
         tpl = self._templates.get(key)
         wall_ns = ts_ns + offset_ns
         if tpl is not None:

@@ -132,3 +132,21 @@ def test_json_lines_print_what_json_line_prints() -> None:
             wire = convert.response_to_message(response).SerializeToString()
             expected = json_line(convert.message_to_response(observer_pb2.GetFlowsResponse.FromString(wire)))
             assert lines.line(observer_pb2.GetFlowsResponse.FromString(wire)) == expected
+
+
+@pytest.mark.parametrize("family", [abi.FAMILY_V4, abi.FAMILY_V6])
+def test_repeated_events_of_one_kind_keep_their_ports_and_addresses(family: int) -> None:
+    """Events that differ only in ports share a template and still show their own ports; events
+    whose addresses differ (also in their last bytes) never share one."""
+    enrich = flows.Enrichment(node_name="node-1", endpoints_by_id=VIEWS)
+    maker = flows.FlowMaker()
+    for sport in (4000, 4000, 4001, 4000):
+        raw = _event(17, abi.VERDICT_DROPPED, abi.Metric.DROP_POLICY_INGRESS, 0, 0, sport, 9999, family=family)
+        made = maker.make(raw, 0, enrich)
+        assert _text(made) == _text(flows.to_responses(flows.decode(raw), 1_000_000_000, enrich))
+        assert made[-1]["flow"]["l4"] == {"UDP": {"source_port": sport, "destination_port": 9999}}
+    other = bytearray(_event(17, abi.VERDICT_DROPPED, abi.Metric.DROP_POLICY_INGRESS, 0, 0, 4000, 9999,
+                             family=family))
+    other[39 if family == abi.FAMILY_V6 else 27] ^= 1  # the destination's last byte
+    made = maker.make(bytes(other), 0, enrich)
+    assert made[-1]["flow"]["IP"]["destination"] == flows.decode(bytes(other)).destination_text()
