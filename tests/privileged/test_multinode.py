@@ -233,6 +233,25 @@ def test_agent_restart_under_traffic_and_policies_from_the_store(overlay: Lab, t
               delete=True)
 
 
+SEED_POLICY = REPO / "examples" / "policies" / "allow-genai-to-blobstorage.yaml"
+
+
+def test_fqdn_policy_on_a_node_without_kube_dns(overlay: Lab) -> None:
+    """kube-dns runs on node-1; a pod on node-2 under the seed's toFQDNs policy resolves
+    through node-2's DNS proxy (which reaches kube-dns across nodes) and gets exactly the
+    learnt address."""
+    genai = overlay.pod_add(f"default/{pod_name('genai')}", node_name="node-2", labels={"app": "genai_backend"})
+    apply(overlay, SEED_POLICY)
+    try:
+        assert probe(genai.netns, "tcp", "app1.myblobstorage.com", 80, timeout=3.0, family=4).ok
+        app2 = overlay.world_address("app2.myblobstorage.com")[0]
+        assert probe(genai.netns, "tcp", app2, 80, timeout=1.0).outcome == "timeout", "not in toFQDNs"
+        refused = probe(genai.netns, "tcp", "other.example", 80, timeout=3.0, family=4).outcome
+        assert refused.startswith("error:cannot resolve"), refused
+    finally:
+        apply(overlay, SEED_POLICY, delete=True)
+
+
 def test_observe_spans_nodes(overlay: Lab) -> None:
     p = pods(overlay, "obs", {"a": ("node-1", {"app": "oa"}), "b": ("node-2", {"app": "ob"})})
     assert reaches(overlay, p["a"], p["b"])

@@ -215,10 +215,13 @@ class EndpointManager:
         families = self.config.ip_family.versions
         self.remote = view
         mode = abi.ROUTE_VXLAN if settings.mode == "overlay" else abi.ROUTE_DIRECT
-        routes = tunnel_routes(view, node, families) if mode == abi.ROUTE_VXLAN else direct_routes(view, node)
-        if mode == abi.ROUTE_DIRECT:
-            # The FIB the datapath asks (bpf_fib_lookup) learns the way to other nodes' pods.
-            sync_node_routes(routes, settings.uplink)
+        routed = direct_routes(view, node)
+        # Routes to other nodes' pod prefixes via their underlay addresses: in direct mode the
+        # FIB the datapath asks (bpf_fib_lookup) learns the way there; in both modes the node's
+        # own traffic (the DNS proxy's queries to a kube-dns on another node, health checks)
+        # finds its way, as a VNet's route table gives it (pods' traffic is the datapath's).
+        sync_node_routes(routed, settings.uplink)
+        routes = tunnel_routes(view, node, families) if mode == abi.ROUTE_VXLAN else routed
         self.datapath.sync_tunnels({ipaddress.ip_network(cidr): NodeRoute(self.tunnel_ifindex, ipaddress.ip_address(gw),
                                                                            mode)
                                     for cidr, gw in routes.items()})
