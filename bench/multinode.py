@@ -48,6 +48,7 @@ import dataclasses
 import ipaddress
 import json
 import math
+import os
 import shutil
 import sys
 import threading
@@ -712,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
 
     traffic: dict[str, TrafficFigures] = {}
     samples: list[IdentitySample] = []
+    # The machine is shared: how busy it was frames how far the figures can be trusted.
+    load = {"start": list(os.getloadavg())}
+    say("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in load["start"]))
     with bench_session():
         procs = Processes()
         tmp = tmp_dir("multinode")
@@ -737,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    load["end"] = list(os.getloadavg())
     say("")
+    say("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in load["end"]))
     results: list[Result] = []
     if traffic:
         rows: list[list[str]] = []
@@ -759,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         say("")
         say(table(["identity propagation (ms)", "p50", "p99", "min", "max"], rows))
     dump_json(opts.json, {
-        "rounds": rounds, "seconds": seconds, "store": opts.store,
+        "rounds": rounds, "seconds": seconds, "store": opts.store, "load_average": load,
         "traffic": {m: {"pod_mtu": f.pod_mtu, "counters": f.counters,
                         "weft": {"tcp_gbps": f.weft.tcp_gbps, "rr_rate": f.weft.rr_rate, "rr_p50_us": f.weft.rr_p50},
                         "baseline": {"tcp_gbps": f.base.tcp_gbps, "rr_rate": f.base.rr_rate,
