@@ -25,13 +25,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from weft.agent.errors import BAD_REQUEST, AgentError
-from weft.datapath import libbpf
 from weft.datapath.loader import NodeDatapath
+from weft.datapath.ringbuf import Batch, MappedRing
 from weft.observe import flow as flows
 from weft.observe.config import FlowSettings
 from weft.observe.filters import FilterError, Filters
@@ -41,6 +41,7 @@ from weft.observe.ring import FlowRing, ReadResult
 log = logging.getLogger("weft.agent.flows")
 POLL_MS = 100
 LOST_CHECK_S = 0.25
+DRAIN_RECORDS = 4096  # records read from the kernel ring in one batch
 MAX_PAGE = 10000  # flows in one flows.get answer; a follower gets the rest on its next call
 
 
@@ -64,14 +65,15 @@ class Subscription:
         self.keep = keep
         self.capacity = capacity
         self.by_kind = by_kind
-        self.items: deque[dict[str, Any]] = deque()
+        self.items: deque[flows.Item] = deque()
         self.lost = 0
         self.last_poll = time.monotonic()
         self._lock = threading.Lock()
         self._answers: dict[Any, bool] = {}
 
-    def offer(self, responses: list[dict[str, Any]]) -> None:
-        kept = self._kept(responses) if self.by_kind else [r for r in responses if self.keep(r)]
+    def offer(self, responses: Sequence[flows.Item]) -> None:
+        keep, as_response = self.keep, flows.as_response
+        kept = self._kept(responses) if self.by_kind else [r for r in responses if keep(as_response(r))]
         if not kept:
             return
         with self._lock:
@@ -81,33 +83,38 @@ class Subscription:
                 kept = kept[:room]
             self.items.extend(kept)
 
-    def _kept(self, responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _kept(self, responses: Sequence[flows.Item]) -> list[flows.Item]:
         keep, answers = self.keep, self._answers
         kept = []
         for response in responses:
             kind = getattr(response, "kind", None)
             if kind is None:
-                if keep(response):
+                if keep(flows.as_response(response)):
                     kept.append(response)
                 continue
-            key = (kind, response.ports)  # type: ignore[attr-defined]
+            key = (kind, response.ports)  # type: ignore[union-attr]
             answer = answers.get(key)
             if answer is None:
                 if len(answers) >= ANSWERS_KEPT:
                     answers.clear()
-                answer = answers[key] = keep(response)
+                answer = answers[key] = keep(flows.as_response(response))
             if answer:
                 kept.append(response)
         return kept
 
-    def poll(self, max_items: int) -> tuple[list[dict[str, Any]], int]:
+    def poll(self, max_items: int, compact: bool = False) -> tuple[list[Any], int]:
         """Up to ``max_items`` queued flows and the number lost since the last poll (never waits:
-        its callers run on threads and loops that other work shares)."""
+        its callers run on threads and loops that other work shares). ``compact``: flows the
+        reader made from events stay :class:`~weft.observe.flow.EventFlow` (for a caller that
+        serializes them from their template), else all are response dicts."""
         with self._lock:
             self.last_poll = time.monotonic()
-            out = [self.items.popleft() for _ in range(min(max_items, len(self.items)))]
+            popleft = self.items.popleft
+            out = [popleft() for _ in range(min(max_items, len(self.items)))]
             lost, self.lost = self.lost, 0
-            return out, lost
+        if not compact:
+            out = [flows.as_response(item) for item in out]
+        return out, lost
 
     def idle(self, now: float) -> bool:
         """Not polled for SUBSCRIPTION_IDLE_S: its follower is gone without unsubscribing."""
@@ -134,15 +141,14 @@ class FlowObserver:
         self.unreadable = 0  # records of another version or size
         self.events = 0
         # Called with every batch of published responses, on the reader thread (the metrics' counters).
-        self.on_publish: Callable[[list[dict[str, Any]]], None] | None = None
-        self._batch: list[bytes] = []
+        self.on_publish: Callable[[list[flows.Item]], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Followers' queues; the lock also makes "read the ring, then subscribe" atomic with
         # publishing, so a new follower sees each flow once (from the ring or from its queue).
         self._subscriptions: dict[str, Subscription] = {}
         self._publish_lock = threading.Lock()
-        self._ring: libbpf.RingBuffer | None = None
+        self._ring: MappedRing | None = None
         # Flows made by other threads (the DNS proxy's L7 records), published by the reader thread.
         self._injected: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
         self.injected_lost = 0  # records such a source lost before this agent read them
@@ -153,9 +159,9 @@ class FlowObserver:
         on a thread of its own."""
         if self.settings.event_level == "off":
             log.info("flow events are off (flows.event_level)")
-        self._ring = libbpf.RingBuffer(self.datapath.events_fd(), self._on_record)
+        self._ring = MappedRing(self.datapath.events_fd(), self.datapath.events_ring_size())
         self._load_reported()
-        # The reader makes a few dicts per flow, and under load holds tens of thousands in the
+        # The reader makes an object per flow, and under load holds tens of thousands in the
         # ring and followers' queues: the cyclic GC's full passes over the agent's whole heap
         # (its start-up objects, which live as long as the process) then cost the reader a
         # large share of its time. Those objects are exempted from collection passes; young
@@ -185,8 +191,10 @@ class FlowObserver:
         while not self._stop.is_set():
             try:
                 assert self._ring is not None
-                self._ring.poll(POLL_MS)
-                self._flush()
+                # Everything committed at once (up to DRAIN_RECORDS): under load, batches grow with
+                # the backlog, and the per-batch work (filters, metrics, locks) is shared by more flows.
+                if self._ring.wait(POLL_MS / 1000):
+                    self._flush(self._ring.drain(DRAIN_RECORDS))
                 self._publish_injected()
                 now = time.monotonic()
                 if now >= next_lost_check:
@@ -197,29 +205,16 @@ class FlowObserver:
                 log.exception("flow reader")
                 self._stop.wait(1.0)
 
-    def _on_record(self, raw: bytes) -> None:
-        # Called inside poll(), on the reader thread: only collect, the batch is handled after.
-        self._batch.append(raw)
-
-    def _flush(self) -> None:
-        if not self._batch:
+    def _flush(self, batch: Batch) -> None:
+        if not batch:
             return
-        raw_records, self._batch = self._batch, []
-        offset = wall_offset_ns()
-        enrichment = self.enrichment
-        make = self._maker.make
-        out: list[dict[str, Any]] = []
-        for raw in raw_records:
-            try:
-                made = make(raw, offset, enrichment)
-            except flows.UnknownRecord as exc:
-                self.unreadable += 1
-                if self.unreadable == 1:
-                    log.warning("unreadable flow event (counted, not shown): %s", exc)
-                continue
-            self.events += 1
-            out.extend(made)
-        self._publish(out)
+        made = self._maker.make_batch(batch.data, batch.offsets, batch.lengths, wall_offset_ns(), self.enrichment)
+        if made.unreadable:
+            if not self.unreadable:
+                log.warning("unreadable flow event (counted, not shown): %s", made.first_error)
+            self.unreadable += made.unreadable
+        self.events += made.events
+        self._publish(made.flows)
 
     def inject(self, responses: list[dict[str, Any]]) -> None:
         """Flows from another source (any thread): the reader thread publishes them within a poll."""
@@ -233,7 +228,7 @@ class FlowObserver:
             except queue.Empty:
                 return
 
-    def _publish(self, responses: list[dict[str, Any]]) -> None:
+    def _publish(self, responses: list[Any]) -> None:
         if not responses:
             return
         with self._publish_lock:
@@ -249,7 +244,7 @@ class FlowObserver:
             self.on_publish(responses)
         if self.flow_log is not None:
             try:
-                self.flow_log.write(responses)
+                self.flow_log.write([flows.as_response(r) for r in responses])
             except OSError as exc:
                 log.warning("flow log %s: %s", self.flow_log.settings.path, exc)
 

@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from weft.hubble import convert
 from weft.hubble.proto import observer_pb2
-from weft.observe.flow import parse_time
+from weft.observe.flow import EventFlow, parse_time
 
 SERVICE = "weft.hubble.Batches"
 METHOD = "GetFlowBatches"
@@ -50,13 +50,32 @@ def _batch_class() -> Any:
 FlowBatch: Any = _batch_class()
 
 
-def varint(value: int) -> bytes:
+def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL_VARINTS = [_varint(v) for v in range(1 << 14)]  # ports, lengths: one list index
+
+
+def varint(value: int) -> bytes:
+    """A protobuf varint of a non-negative number."""
+    if value < 0x4000:
+        return _SMALL_VARINTS[value]
+    if value < 1 << 35:  # nanoseconds, seconds of a day: five bytes at most, no loop
+        b = [(value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, (value >> 14) & 0x7F]
+        if value >= 1 << 21:
+            b[2] |= 0x80
+            b.append((value >> 21) & 0x7F)
+            if value >= 1 << 28:
+                b[3] |= 0x80
+                b.append(value >> 28)
+        return bytes(b)
+    return _varint(value)
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -66,7 +85,13 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def frame(wires: Iterable[bytes]) -> bytes:
     """Serialized GetFlowsResponses -> one serialized FlowBatch."""
-    return b"".join(b"\x0a" + varint(len(w)) + w for w in wires)
+    parts: list[bytes] = []
+    append = parts.append
+    for wire in wires:
+        append(b"\x0a")
+        append(varint(len(wire)))
+        append(wire)
+    return b"".join(parts)
 
 
 def batches(wires: Iterable[bytes]) -> Iterable[bytes]:
@@ -88,6 +113,19 @@ _L4_FIELDS = {"TCP": 1, "UDP": 2, "SCTP": 5}
 _NODE_NAME_TAG = varint(1000 << 3 | 2)
 _RESPONSE_TIME_TAG = varint(1001 << 3 | 2)
 _seconds_cache: tuple[str, int] = ("", 0)
+_seconds_bytes: tuple[int, bytes] = (-1, b"")
+L4_KEPT = 4096  # a template's serialized l4 per ports, before they are forgotten
+
+
+def _timestamp_ns(ns: int) -> bytes:
+    """Nanoseconds since the epoch -> a Timestamp's bytes (as the message path writes them)."""
+    global _seconds_bytes
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    cached_seconds, head = _seconds_bytes
+    if cached_seconds != seconds:
+        head = b"\x08" + varint(seconds) if seconds else b""
+        _seconds_bytes = (seconds, head)  # one tuple: a reader on another thread sees a whole pair
+    return head + b"\x10" + varint(nanos) if nanos else head
 
 
 def _timestamp(text: str) -> bytes | None:
@@ -104,45 +142,67 @@ def _timestamp(text: str) -> bytes | None:
     return (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(nanos) if nanos else b"")
 
 
-def response_wire(item: Mapping[str, Any]) -> bytes:
-    """A response dict -> its serialized GetFlowsResponse: from its template when the reader made
-    it from one (kept on the item for the next follower), else through the message."""
+def response_wire(item: Mapping[str, Any] | EventFlow) -> bytes:
+    """A response dict or compact flow -> its serialized GetFlowsResponse: from its template when
+    the reader made it from one (kept on the item for the next follower), else through the message."""
     wire = getattr(item, "wire", None)
     if wire is not None:
         return wire  # type: ignore[no-any-return]
     kind = getattr(item, "kind", None)
-    flow = item.get("flow")
-    time_text = str(item.get("time") or "")
-    stamp = _timestamp(time_text) if time_text else None
-    if kind is None or flow is None or stamp is None or flow.get("time") != time_text:
-        return bytes(convert.response_to_message(item).SerializeToString())
-    template, index = kind
-    static = template.memo.get(index)
-    if static is None:
-        # Everything but time and l4 (the parts that vary), as the message path makes it; the
-        # template's own l4 too when it has no ports (ICMP, other protocols).
-        rest = {k: v for k, v in flow.items() if k not in ("time", "l4")}
-        own_l4 = b"" if template.l4_key else convert.flow_to_message({"l4": flow["l4"]}).SerializeToString()
-        flags = b""
-        if template.l4_key == "TCP":
-            flags = _field(3, convert.flow_to_message({"l4": {"TCP": {"flags": template.flags}}}).l4.TCP.flags
-                           .SerializeToString())
-        static = template.memo[index] = (convert.flow_to_message(rest).SerializeToString() + own_l4, flags,
-                                         _NODE_NAME_TAG + varint(len(item.get("node_name", "").encode()))
-                                         + str(item.get("node_name", "")).encode() if item.get("node_name") else b"")
-    rest_bytes, flags, node = static
-    l4_key = template.l4_key
-    if l4_key is not None:
-        sport, dport = item.ports  # type: ignore[attr-defined]
-        body = (b"\x08" + varint(sport) if sport else b"") + (b"\x10" + varint(dport) if dport else b"") + flags
-        l4 = _field(6, _field(_L4_FIELDS[l4_key], body))
+    if type(item) is EventFlow:
+        stamp: bytes | None = _timestamp_ns(item.wall_ns)
+        template, index = item.kind
+        static = template.memo.get(index)
+        if static is None:
+            static = _static_parts(template, index, item.response())
     else:
-        l4 = b""
-    flow_bytes: bytes = _field(1, stamp) + rest_bytes + l4
-    made: bytes = (b"\x0a" + varint(len(flow_bytes)) + flow_bytes + node
-                   + _RESPONSE_TIME_TAG + varint(len(stamp)) + stamp)
-    item.wire = made  # type: ignore[attr-defined]
+        flow = item.get("flow")  # type: ignore[union-attr]
+        time_text = str(item.get("time") or "")  # type: ignore[union-attr]
+        stamp = _timestamp(time_text) if time_text else None
+        if kind is None or flow is None or stamp is None or flow.get("time") != time_text:
+            return bytes(convert.response_to_message(item).SerializeToString())  # type: ignore[arg-type]
+        template, index = kind
+        static = template.memo.get(index)
+        if static is None:
+            static = _static_parts(template, index, item)  # type: ignore[arg-type]
+    rest_bytes, flags, node = static
+    l4 = b""
+    if template.l4_key is not None:
+        ports = item.ports  # type: ignore[union-attr]
+        by_ports = template.memo.get("l4")
+        if by_ports is None:
+            by_ports = template.memo["l4"] = {}
+        cached: bytes | None = by_ports.get(ports)
+        if cached is None:
+            if len(by_ports) >= L4_KEPT:
+                by_ports.clear()
+            sport, dport = ports
+            body = (b"\x08" + varint(sport) if sport else b"") + (b"\x10" + varint(dport) if dport else b"") + flags
+            cached = by_ports[ports] = _field(6, _field(_L4_FIELDS[template.l4_key], body))
+        l4 = cached
+    assert stamp is not None
+    flow_bytes = b"\x0a" + varint(len(stamp)) + stamp + rest_bytes + l4
+    made = b"".join((b"\x0a", varint(len(flow_bytes)), flow_bytes, node, _RESPONSE_TIME_TAG, varint(len(stamp)),
+                     stamp))
+    item.wire = made  # type: ignore[union-attr]
     return made
+
+
+def _static_parts(template: Any, index: int, item: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """What a template's flow serializes to but its time and l4 (the parts that vary), as the
+    message path makes it (its own l4 too when it has no ports: ICMP, other protocols); its TCP
+    flags' bytes; the response's node name field. Kept in the template's memo."""
+    flow = item["flow"]
+    rest = {k: v for k, v in flow.items() if k not in ("time", "l4")}
+    own_l4 = b"" if template.l4_key else convert.flow_to_message({"l4": flow["l4"]}).SerializeToString()
+    flags = b""
+    if template.l4_key == "TCP":
+        flags = _field(3, convert.flow_to_message({"l4": {"TCP": {"flags": template.flags}}}).l4.TCP.flags
+                       .SerializeToString())
+    node_name = str(item.get("node_name") or "").encode()
+    node = _NODE_NAME_TAG + varint(len(node_name)) + node_name if node_name else b""
+    static = template.memo[index] = (convert.flow_to_message(rest).SerializeToString() + own_l4, flags, node)
+    return static
 
 
 def message_wire(message: Any) -> bytes:

@@ -87,7 +87,7 @@ def window(request: Any) -> Window:
 class Follower(Protocol):
     """A follower's queue (the agent's ``Subscription``)."""
 
-    def poll(self, max_items: int) -> tuple[list[dict[str, Any]], int]: ...
+    def poll(self, max_items: int, compact: bool = False) -> tuple[list[Any], int]: ...
 
 
 class FlowSource(Protocol):
@@ -163,7 +163,8 @@ class NodeObserver(observer_grpc.ObserverServicer):  # type: ignore[misc]
                 for blob in batch.batches(wire(item) for item in result.items):
                     yield blob
                 while True:
-                    items, lost = follower.poll(batch.MAX_BATCH_FLOWS)
+                    # Compact flows are serialized from their templates, never made into dicts here.
+                    items, lost = follower.poll(batch.MAX_BATCH_FLOWS, compact=win.mask is None)
                     if lost:
                         items.insert(0, flows.lost_response(flows.LOST_FLOW_RING, lost, self.node_name,
                                                             time.time_ns()))

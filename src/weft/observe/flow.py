@@ -392,6 +392,43 @@ class FlowResponse(dict[str, Any]):
     wire: bytes | None
 
 
+class EventFlow:
+    """A flow the reader made from a datapath event, kept compact until something reads it: its
+    kind (``(template, index)``), ports and wall time. Most flows are only counted, matched by
+    kind and serialized from their template (a follower's stream), or overwritten in the ring
+    unread: the response dict (:meth:`response`, exactly what :func:`to_responses` makes) is made
+    only for readers that want one, once."""
+
+    __slots__ = ("_made", "kind", "ports", "wall_ns", "wire")
+
+    def __init__(self, kind: tuple[FlowTemplate, int], ports: tuple[int, int], wall_ns: int) -> None:
+        self.kind = kind
+        self.ports = ports
+        self.wall_ns = wall_ns
+        self.wire: bytes | None = None  # its serialized GetFlowsResponse, once a server made it
+        self._made: FlowResponse | None = None
+
+    def response(self) -> FlowResponse:
+        made = self._made
+        if made is None:
+            tpl, index = self.kind
+            time_text = rfc3339(self.wall_ns)
+            flow = tpl.flows[index].copy()  # every key in place: time and l4 keep their position
+            flow["time"] = time_text
+            flow["l4"] = tpl.l4_for(self.ports)
+            made = self._made = FlowResponse(flow=flow, node_name=tpl.node_name, time=time_text)
+            made.kind, made.ports, made.wire = self.kind, self.ports, self.wire
+        return made
+
+
+Item = Response | EventFlow  # what the reader publishes: compact flows, and dicts (lost events, L7)
+
+
+def as_response(item: Item) -> Response:
+    """A published item as a response dict (an EventFlow's is made on first use)."""
+    return item.response() if type(item) is EventFlow else item  # type: ignore[return-value,union-attr]
+
+
 class FlowTemplate:
     """The flows of one kind of event (every field of the record but ports, time and length) in
     one enrichment: dicts with every key in place, ``time`` and ``l4`` set per event. ``memo`` is
@@ -404,26 +441,45 @@ class FlowTemplate:
         "flows",
         "ingress",
         "ingress_rules",
+        "kinds",
         "l4_key",
         "memo",
         "names",
         "names_key",
+        "node_name",
         "static_l4",
     )
 
     def __init__(self, flows: list[Flow], l4_key: str | None, static_l4: dict[str, Any], flags: dict[str, bool],
                  names_key: tuple[str, str], egress: int, ingress: int, egress_rules: tuple[str, ...],
-                 ingress_rules: tuple[str, ...], names: tuple[str, ...]) -> None:
+                 ingress_rules: tuple[str, ...], names: tuple[str, ...], node_name: str = "") -> None:
         self.flows = flows
+        self.kinds = tuple((self, index) for index in range(len(flows)))
         self.l4_key = l4_key  # "TCP", "UDP", "SCTP": the ports vary; None: l4 is static_l4
         self.static_l4 = static_l4
         self.flags = flags
+        self.node_name = node_name
         # The live lookups the flows were made with (policy rules by cookie, DNS names): an event
         # whose lookups answer otherwise gets a new template.
         self.names_key = names_key
         self.egress, self.ingress = egress, ingress
         self.egress_rules, self.ingress_rules, self.names = egress_rules, ingress_rules, names
         self.memo: dict[Any, Any] = {}
+
+    def l4_for(self, ports: tuple[int, int]) -> dict[str, Any]:
+        l4_key = self.l4_key
+        if l4_key is None:
+            return self.static_l4
+        if l4_key == "TCP":
+            return {"TCP": {"source_port": ports[0], "destination_port": ports[1], "flags": self.flags}}
+        return {l4_key: {"source_port": ports[0], "destination_port": ports[1]}}
+
+    def current(self, enrich: Enrichment) -> bool:
+        """The live lookups still answer as when the flows were made."""
+        egress = enrich.rules_by_cookie(self.egress) if self.egress else ()
+        ingress = enrich.rules_by_cookie(self.ingress) if self.ingress else ()
+        return (egress == self.egress_rules and ingress == self.ingress_rules
+                and enrich.names_of(*self.names_key) == self.names)
 
 
 # version, (reason.. saddr, daddr) sport, dport (network order), (.. pkt_len) ts_ns: offsets 0, 40, 42, 80.
@@ -432,13 +488,24 @@ assert _RECORD.size == EVENT_SIZE and abi.Event.sport.offset == 40 and abi.Event
 MAX_TEMPLATES = 4096
 
 
+@dataclass
+class MadeBatch:
+    """What :meth:`FlowMaker.make_batch` made of a batch of records."""
+
+    flows: list[EventFlow] = field(default_factory=list)
+    events: int = 0  # records read
+    unreadable: int = 0  # records of another size or version (counted, not shown)
+    first_error: str = ""
+
+
 class FlowMaker:
-    """Datapath records -> responses, exactly as :func:`to_responses` makes them, at a fraction of
+    """Datapath records -> flows, exactly as :func:`to_responses` makes them, at a fraction of
     its cost: events of one kind (same endpoints, verdict, reason, flags...: every byte but the
     ports, length and time) share a template made by :func:`to_responses` once; each event only
-    copies the template's dicts and sets its time and ports. Templates belong to one enrichment
-    and are made anew when it changes, or when a live lookup (policy rules, DNS names) answers
-    differently. One thread (the flow reader) uses it."""
+    gets a compact :class:`EventFlow` per flow (its kind, ports and time). Templates belong to one
+    enrichment and are made anew when it changes, or when a live lookup (policy rules, DNS
+    names) answers differently (asked once per template and batch). One thread (the flow reader)
+    uses it."""
 
     def __init__(self) -> None:
         self._enrich: Enrichment | None = None
@@ -447,49 +514,54 @@ class FlowMaker:
     def make(self, raw: bytes, offset_ns: int, enrich: Enrichment) -> list[Response]:
         """One record -> its responses (``offset_ns`` turns its monotonic time into wall time);
         raises :class:`UnknownRecord` for a record of another size or version."""
-        if len(raw) < EVENT_SIZE:
-            raise UnknownRecord(f"record of {len(raw)} bytes, a weft_event has {EVENT_SIZE}")
-        version, sport, dport, ts_ns = _RECORD.unpack_from(raw)
-        if version != abi.EVENT_VERSION:
-            raise UnknownRecord(f"event version {version}, this agent reads {abi.EVENT_VERSION}")
+        made = self.make_batch(raw, [0], [len(raw)], offset_ns, enrich)
+        if made.unreadable:
+            raise UnknownRecord(made.first_error)
+        return [f.response() for f in made.flows]
+
+    def make_batch(self, data: bytes, offsets: list[int], lengths: list[int], offset_ns: int,
+                   enrich: Enrichment) -> MadeBatch:
+        """Records ``data[offsets[i]:offsets[i] + lengths[i]]`` -> their flows, in order."""
         if enrich is not self._enrich:
             self._enrich, self._templates = enrich, {}
-        key = raw[:40] + raw[44:76]  # every byte but the ports, pkt_len and ts_ns
-        tpl = self._templates.get(key)
-        wall_ns = ts_ns + offset_ns
-        if tpl is not None:
-            egress = enrich.rules_by_cookie(tpl.egress) if tpl.egress else ()
-            ingress = enrich.rules_by_cookie(tpl.ingress) if tpl.ingress else ()
-            names = enrich.names_of(*tpl.names_key)
-            if egress != tpl.egress_rules or ingress != tpl.ingress_rules or names != tpl.names:
-                tpl = None
-        if tpl is None:
-            return self._new_template(key, abi.Event.from_buffer_copy(raw[:EVENT_SIZE]), wall_ns, enrich)
-        sport, dport = socket.ntohs(sport), socket.ntohs(dport)
-        time_text = rfc3339(wall_ns)
-        l4_key = tpl.l4_key
-        if l4_key is None:
-            l4 = tpl.static_l4
-        elif l4_key == "TCP":
-            l4 = {"TCP": {"source_port": sport, "destination_port": dport, "flags": tpl.flags}}
-        else:
-            l4 = {l4_key: {"source_port": sport, "destination_port": dport}}
-        out: list[Response] = []
-        node_name = enrich.node_name
-        ports = (sport, dport)
-        for index, static in enumerate(tpl.flows):
-            flow = static.copy()
-            flow["time"] = time_text
-            flow["l4"] = l4
-            response = FlowResponse(flow=flow, node_name=node_name, time=time_text)
-            response.kind = (tpl, index)
-            response.ports = ports
-            response.wire = None
-            out.append(response)
-        return out
+        templates = self._templates
+        checked: set[int] = set()  # templates whose live lookups were asked in this batch
+        out: list[EventFlow] = []
+        append = out.append
+        unpack = _RECORD.unpack_from
+        ntohs = socket.ntohs
+        made = MadeBatch(out)
+        for offset, length in zip(offsets, lengths, strict=True):
+            if length < EVENT_SIZE:
+                made.unreadable += 1
+                made.first_error = made.first_error or f"record of {length} bytes, a weft_event has {EVENT_SIZE}"
+                continue
+            version, sport, dport, ts_ns = unpack(data, offset)
+            if version != abi.EVENT_VERSION:
+                made.unreadable += 1
+                made.first_error = made.first_error or (f"event version {version}, this agent reads "
+                                                        f"{abi.EVENT_VERSION}")
+                continue
+            # Every byte but the ports, pkt_len and ts_ns.
+            key = data[offset:offset + 40] + data[offset + 44:offset + 76]
+            tpl = templates.get(key)
+            if tpl is not None and id(tpl) not in checked:
+                if tpl.current(enrich):
+                    checked.add(id(tpl))
+                else:
+                    tpl = None
+            if tpl is None:
+                tpl = self._new_template(key, abi.Event.from_buffer_copy(data, offset), enrich)
+                checked.add(id(tpl))
+            ports = (ntohs(sport), ntohs(dport))
+            wall_ns = ts_ns + offset_ns
+            for kind in tpl.kinds:
+                append(EventFlow(kind, ports, wall_ns))
+        made.events = len(offsets) - made.unreadable
+        return made
 
-    def _new_template(self, key: bytes, event: abi.Event, wall_ns: int, enrich: Enrichment) -> list[Response]:
-        made = to_responses(event, wall_ns, enrich)
+    def _new_template(self, key: bytes, event: abi.Event, enrich: Enrichment) -> FlowTemplate:
+        made = to_responses(event, 0, enrich)
         src_ip = event.source_text()
         src_view = enrich.endpoints_by_id.get(int(event.src_ep_id)) or enrich.endpoints_by_ip.get(src_ip)
         names_key = (f"{src_view.namespace}/{src_view.pod_name}" if src_view else "", event.destination_text())
@@ -498,16 +570,9 @@ class FlowMaker:
         l4_key = next((k for k in ("TCP", "UDP", "SCTP") if k in l4), None)
         tpl = FlowTemplate([dict(r["flow"]) for r in made], l4_key, l4, l4.get("TCP", {}).get("flags", {}), names_key,
                            egress, ingress, enrich.rules_by_cookie(egress) if egress else (),
-                           enrich.rules_by_cookie(ingress) if ingress else (), enrich.names_of(*names_key))
+                           enrich.rules_by_cookie(ingress) if ingress else (), enrich.names_of(*names_key),
+                           enrich.node_name)
         if len(self._templates) >= MAX_TEMPLATES:
             self._templates.clear()  # bounded: many kinds (a scan, many peers) cost a rebuild, not memory
         self._templates[key] = tpl
-        sport, dport = event.ports()
-        out: list[Response] = []
-        for index, response in enumerate(made):
-            wrapped = FlowResponse(response)
-            wrapped.kind = (tpl, index)
-            wrapped.ports = (sport, dport)
-            wrapped.wire = None
-            out.append(wrapped)
-        return out
+        return tpl

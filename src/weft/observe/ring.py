@@ -3,7 +3,8 @@
 Readers ask for what came after a sequence number (a cursor). A follower that fell further
 behind than the ring holds is told how many it missed (a ``HUBBLE_RING_BUFFER`` lost event),
 never silently skipped. One writer (the agent's event reader) and any number of readers:
-every method takes the lock.
+every method takes the lock. Compact flows (:class:`weft.observe.flow.EventFlow`) are held as
+they are and turned into response dicts only when a reader looks at them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from weft.observe.flow import EventFlow
 
 DEFAULT_CAPACITY = 4095
 
@@ -29,22 +32,22 @@ class FlowRing:
         if capacity < 1:
             raise ValueError(f"flow ring capacity {capacity} must be at least 1")
         self.capacity = capacity
-        self._items: deque[tuple[int, dict[str, Any]]] = deque(maxlen=capacity)
+        self._items: deque[tuple[int, Any]] = deque(maxlen=capacity)  # (seq, response dict or EventFlow)
         self._next_seq = 1  # the number the next item gets
         self._lock = threading.Lock()
 
-    def append(self, item: dict[str, Any]) -> int:
+    def append(self, item: Any) -> int:
         with self._lock:
             seq = self._next_seq
             self._items.append((seq, item))
             self._next_seq += 1
             return seq
 
-    def extend(self, items: list[dict[str, Any]]) -> None:
+    def extend(self, items: list[Any]) -> None:
         with self._lock:
-            for item in items:
-                self._items.append((self._next_seq, item))
-                self._next_seq += 1
+            seq = self._next_seq
+            self._items.extend(zip(range(seq, seq + len(items)), items, strict=True))
+            self._next_seq = seq + len(items)
 
     @property
     def total(self) -> int:
@@ -68,6 +71,7 @@ class FlowRing:
                 after = 0
             missed = max(0, oldest - after - 1) if after > 0 else 0
             snapshot = [(seq, item) for seq, item in snapshot if seq > after]
+        snapshot = [(seq, item.response() if type(item) is EventFlow else item) for seq, item in snapshot]
         chosen = [item for _seq, item in snapshot if keep(item)]
         if first is not None:
             chosen = chosen[:first]
