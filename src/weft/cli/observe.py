@@ -183,14 +183,14 @@ def _shown(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _batches(target: Target, request: Any) -> Iterator[list[Any]]:
-    """A target's followed stream as lists of GetFlowsResponse messages: weft's FlowBatches, or
-    Hubble's GetFlows (one response a list) from a server without them."""
+def _batches(target: Target, request: Any, raw: bool = False) -> Iterator[list[Any] | bytes]:
+    """A target's followed stream as lists of GetFlowsResponse messages: weft's FlowBatches (as
+    their bytes if ``raw``), or Hubble's GetFlows (one response a list) from a server without them."""
     with grpc.insecure_channel(target.address) as channel:
         call = channel.unary_stream(batch.PATH, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString)
         try:
             for blob in call(request):
-                yield list(batch.FlowBatch.FromString(blob).responses)
+                yield blob if raw else list(batch.FlowBatch.FromString(blob).responses)
             return
         except grpc.RpcError as exc:
             if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -201,11 +201,14 @@ def _batches(target: Target, request: Any) -> Iterator[list[Any]]:
 
 def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: bool) -> None:
     """Print every target's stream as it comes (one thread per target feeds a queue)."""
-    inbox: queue.Queue[tuple[Target, list[Any] | grpc.RpcError]] = queue.Queue(maxsize=64)
+    inbox: queue.Queue[tuple[Target, list[Any] | bytes | grpc.RpcError]] = queue.Queue(maxsize=64)
+    json_lines = convert.JsonLines() if output == OutputFormat.json else None
 
     def pump(target: Target) -> None:
         try:
-            for messages in _batches(target, request):
+            # -o json reads FlowBatches' bytes itself (JsonLines.batch_lines): most flows are
+            # written without being parsed.
+            for messages in _batches(target, request, raw=json_lines is not None):
                 inbox.put((target, messages))
         except grpc.RpcError as exc:
             inbox.put((target, exc))
@@ -214,7 +217,6 @@ def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: b
         threading.Thread(target=pump, args=(target,), daemon=True, name=f"observe {target.name}").start()
     header = True
     alive = len(chosen)
-    json_lines = convert.JsonLines() if output == OutputFormat.json else None
     try:
         while alive:
             target, item = inbox.get()
@@ -223,13 +225,16 @@ def _follow(chosen: list[Target], request: Any, output: OutputFormat, painted: b
                 alive -= 1
                 continue
             if json_lines is not None:
-                # -o json: straight from the messages to text (node notices still to stderr).
-                lines = [json_lines.line(m) for m in item if not m.HasField("node_status")
-                         or _shown([convert.message_to_response(m)])]
+                # -o json: straight from the messages (or their bytes) to text; node notices to stderr.
+                entries = json_lines.batch_lines(item) if isinstance(item, bytes) else [
+                    m if m.HasField("node_status") else json_lines.line(m) for m in item]
+                lines = [e if isinstance(e, str) else json_lines.line(e) for e in entries
+                         if isinstance(e, str) or _shown([convert.message_to_response(e)])]
                 if lines:
                     sys.stdout.write("\n".join(lines) + "\n")
                     sys.stdout.flush()
                 continue
+            assert not isinstance(item, bytes)
             shown = _shown([convert.message_to_response(m) for m in item])
             if shown:
                 _print(shown, output, painted, header=header)

@@ -224,6 +224,7 @@ class JsonLines:
 
     def __init__(self) -> None:
         self._rest: dict[bytes, tuple[str, str]] = {}
+        self._by_bytes: dict[bytes, str] = {}  # a flow's bytes after its time -> its text after its time
         self._l4: dict[bytes, str] = {}
         self._numbers = {f.name: f.number for f in flow_pb2.Flow.DESCRIPTOR.fields}
         self._l4_number = flow_pb2.Flow.DESCRIPTOR.fields_by_name["l4"].number
@@ -265,6 +266,113 @@ class JsonLines:
         if rest[1]:
             parts.append(rest[1])
         return "{" + ",".join(parts) + "}"
+
+
+    def batch_lines(self, blob: bytes) -> list[Any]:
+        """A serialized FlowBatch (``repeated GetFlowsResponse responses = 1``) -> per response,
+        its line (a flow) or its message (anything else: lost events, node notices, for the
+        caller to show). A flow whose bytes but its leading time were seen before is written
+        from its cached text, without parsing it; any other takes :meth:`line`."""
+        out: list[Any] = []
+        append = out.append
+        by_bytes = self._by_bytes
+        pos, end = 0, len(blob)
+        while pos < end:
+            if blob[pos] != 0x0A:
+                return [self._or_message(m) for m in _batch_responses(blob)]
+            length, pos = _read_varint(blob, pos + 1)
+            response_end = pos + length
+            text = None
+            # A flow response: field 1 (flow) first; its first field the time (1), as a flow's
+            # fields come in number order (Hubble's, weft's servers).
+            if length > 2 and blob[pos] == 0x0A:
+                flow_length, flow_start = _read_varint(blob, pos + 1)
+                flow_end = flow_start + flow_length
+                if flow_start < flow_end and blob[flow_start] == 0x0A:
+                    stamp_length, stamp_start = _read_varint(blob, flow_start + 1)
+                    rest_start = stamp_start + stamp_length
+                    # The key: the flow's other fields and everything after the flow (node name, time).
+                    cached = by_bytes.get(blob[rest_start:flow_end])
+                    if cached is not None and _only_time_after(blob, flow_end, response_end):
+                        seconds, nanos = _timestamp_fields(blob, stamp_start, rest_start)
+                        text = '{"time":"' + _timestamp_text(seconds, nanos) + '"' + cached
+            if text is None:
+                message = observer_pb2.GetFlowsResponse.FromString(blob[pos:response_end])
+                text = self._or_message(message)
+                if isinstance(text, str) and message.HasField("flow") and text.startswith('{"time":"'):
+                    self._remember(blob, pos, response_end, text)
+            append(text)
+            pos = response_end
+        return out
+
+    def _or_message(self, message: Any) -> Any:
+        if message.HasField("flow") or message.HasField("lost_events"):
+            return self.line(message)
+        return message
+
+    def _remember(self, blob: bytes, pos: int, response_end: int, text: str) -> None:
+        """Keep a flow's text after its time, keyed by the bytes after its time field."""
+        flow_length, flow_start = _read_varint(blob, pos + 1)
+        flow_end = flow_start + flow_length
+        if not (blob[pos] == 0x0A and blob[flow_start] == 0x0A and _only_time_after(blob, flow_end, response_end)):
+            return
+        stamp_length, stamp_start = _read_varint(blob, flow_start + 1)
+        close = text.index('"', 9)  # the time's closing quote
+        if len(self._by_bytes) >= self.MAX_KINDS:
+            self._by_bytes.clear()
+        self._by_bytes[blob[stamp_start + stamp_length:flow_end]] = text[close + 1:]
+
+
+def _batch_responses(blob: bytes) -> list[Any]:
+    from weft.hubble.batch import FlowBatch  # batch imports this module
+
+    return list(FlowBatch.FromString(blob).responses)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it)."""
+    value = data[pos]
+    if value < 0x80:
+        return value, pos + 1
+    value &= 0x7F
+    shift = 7
+    while True:
+        pos += 1
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos + 1
+        shift += 7
+
+
+def _timestamp_fields(data: bytes, start: int, end: int) -> tuple[int, int]:
+    """A Timestamp's bytes -> (seconds, nanos)."""
+    seconds = nanos = 0
+    pos = start
+    while pos < end:
+        tag = data[pos]
+        value, pos = _read_varint(data, pos + 1)
+        if tag == 0x08:
+            seconds = value
+        elif tag == 0x10:
+            nanos = value
+    return seconds, nanos
+
+
+_NODE_NAME_TAG = b"\xc2\x3e"  # field 1000, length-delimited
+_RESPONSE_TIME_TAG = b"\xca\x3e"  # field 1001, length-delimited
+
+
+def _only_time_after(data: bytes, pos: int, end: int) -> bool:
+    """After the flow, a response has only its node name and time (not shown by -o json): the
+    cached text holds for it whatever they are."""
+    while pos < end:
+        tag = data[pos:pos + 2]
+        if tag not in (_NODE_NAME_TAG, _RESPONSE_TIME_TAG):
+            return False
+        length, pos = _read_varint(data, pos + 2)
+        pos += length
+    return pos == end
 
 
 def _json_text(value: Any) -> str:
