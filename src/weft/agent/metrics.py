@@ -134,7 +134,7 @@ class FlowMetrics:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _by_kind: dict[Any, list[Any]] = field(default_factory=dict)  # FlowResponse.kind -> its increments
 
-    def observe(self, responses: Iterable[Mapping[str, Any]]) -> None:
+    def observe(self, responses: Iterable[flows.Item]) -> None:
         # Flows the reader made from one template (FlowResponse.kind) count alike: counted once
         # per kind and batch, times how many (a flood of one kind of drop costs a dict update each).
         kinds: Counter[Any] = Counter()
@@ -144,7 +144,7 @@ class FlowMetrics:
                 if kind is not None:
                     kinds[kind] += 1
                     continue
-                flow = response.get("flow")
+                flow = flows.as_response(response).get("flow")
                 if flow is not None:
                     self._count(flow)
             for kind, n in kinds.items():
