@@ -307,7 +307,7 @@ class FqdnValue(ctypes.Structure):
 
 # Verdict events (struct weft_event in the weft_events ring buffer).
 EVENT_VERSION = 1  # WEFT_EVENT_VERSION
-EVENTS_RING_BYTES = 1 << 20  # WEFT_EVENTS_RING_BYTES: the ring's default size
+EVENTS_RING_BYTES = 1 << 23  # WEFT_EVENTS_RING_BYTES: the ring's default size (8 MiB)
 EV_LEVEL_ALL = 0  # WEFT_EV_LEVEL_ALL: every packet that met a verdict
 EV_LEVEL_MEDIUM = 1  # WEFT_EV_LEVEL_MEDIUM: drops; connection opens, first replies, new SYN/FIN/RST
 EV_LEVEL_DROPS = 2  # WEFT_EV_LEVEL_DROPS

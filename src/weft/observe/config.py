@@ -44,7 +44,7 @@ class FlowSettings(BaseModel):
     # Which packets the datapath reports: every one, or (medium) drops plus connection opens,
     # first replies and new SYN/FIN/RST (the rate stays bounded under load), or drops, or none.
     event_level: Literal["all", "medium", "drops", "off"] = "medium"
-    events_ring_bytes: int | None = None  # the kernel event ring; None: the datapath default (1 MiB)
+    events_ring_bytes: int | None = None  # the kernel event ring; None: the datapath default (8 MiB)
     log: FlowLogSettings | None = None
 
     @field_validator("events_ring_bytes")
