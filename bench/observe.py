@@ -1,7 +1,8 @@
 """Flow observability: events/s from the kernel to ``weft observe -o json`` without loss, the
 throughput cost of observability, aggregated traffic observed without loss, the flow ring's memory.
 
-    python bench/observe.py [--quick] [--rates 25000,50000,100000] [--seconds S] [--rounds R] [--json FILE]
+    python bench/observe.py [--quick] [--rates 25000,50000,100000] [--seconds S] [--rounds R]
+                            [--capacity-packets N] [--json FILE]
 
 One lab node (no world), two pods: default/client and default/sink; a CiliumNetworkPolicy lets
 the client reach the sink on TCP 5201 (iperf3) and UDP 9000 only, so UDP to 9999 is dropped at the
@@ -19,6 +20,13 @@ sink's ingress: every such datagram is one drop event (every drop is reported at
 3. Aggregated traffic: udpgen at full speed (several flows and processes) to the allowed UDP 9000
    for S seconds: packets/s the datapath forwarded and events lost (target: none; the packet rate
    is reported next to the issue's 1,000,000 packets/s).
+   This is real traffic through veths, limited by the generator on this VM; the next figure is
+   the datapath's own capacity.
+3b. Datapath capacity with observability on (bench/observe_capacity.py): the real compiled
+   ``from_container`` run by BPF_PROG_TEST_RUN on an allowed flow's UDP packet, 1,000,000 runs
+   (1 flow, then 8 flows), events at the default level on the default ring: packets/s per CPU
+   from the kernel's timing, events the ring got, events lost (must be 0). No NIC, no veth, one
+   CPU: the per-packet cost of the program, not of the path around it.
 4. Memory of a full flow ring: 4,095 enriched flows (from real event records of the kind the lab
    produces) held in a :class:`weft.observe.ring.FlowRing`, measured with tracemalloc in this
    process. Target: under 32 MiB.
@@ -34,12 +42,13 @@ import sys
 import threading
 import time
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import observe_capacity
 from bench.common import (
     PREFIX,
     REPO,
@@ -315,6 +324,24 @@ def lossless(sweep: list[dict[str, Any]], seconds: float, what: str) -> Result:
                   + f" ({seconds:g} s per rate)")
 
 
+def capacity_result(rows: list[observe_capacity.Row]) -> Result:
+    """The datapath's packets/s per CPU with observability on (the slowest allowed-UDP case), as
+    a fraction of the issue's 1,000,000 packets/s; 0 unless every run of every such case was
+    forwarded, one event per flow reached the ring and none was lost."""
+    on = observe_capacity.forwarding(rows)
+    best = observe_capacity.headline(rows)
+    clean = all(observe_capacity.forwarded_cleanly(r) for r in on)
+    drops = next((r for r in rows if r.case.startswith("denied")), None)
+    return Result("observe.datapath_capacity", best.kernel_pps / AGGREGATED_PPS_GOAL if clean else 0.0, 1.0, True,
+                  f"BPF_PROG_TEST_RUN of from_container, {best.packets:,} runs per case (no NIC, no veth, one CPU), "
+                  f"events medium, ring {best.ring_bytes >> 20} MiB: "
+                  + ", ".join(f"{r.flows} flow{'s' if r.flows > 1 else ''} {r.kernel_pps / 1e6:.2f} Mpps/CPU "
+                              f"({r.events} events, {r.events_lost} lost)" for r in on)
+                  + f"; vs events off {observe_capacity.on_off_ratio(rows):.3f}"
+                  + (f"; drop path, an event per packet: {drops.kernel_pps / 1e6:.2f} M/s, {drops.events:,} events, "
+                     f"{drops.events_lost} lost" if drops else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rates and rounds, 1 s each")
@@ -323,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per mode (default 5)")
     ap.add_argument("--paths", default="relay,direct",
                     help="sweeps: relay (weft observe through the lab's relay), direct (--node: the node's Observer)")
+    ap.add_argument("--capacity-packets", type=int, default=None,
+                    help="runs per case of the datapath capacity figure (default 1,000,000; --quick 100,000; 0: skip)")
     ap.add_argument("--json", help="also write the figures to this file")
     opts = ap.parse_args(argv)
     seconds = opts.seconds or (1.0 if opts.quick else 3.0)
@@ -332,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
 
     mib, held = ring_memory_mib()
     say(f"flow ring: {held} flows held in {mib:.2f} MiB (tracemalloc)")
+    capacity_packets = opts.capacity_packets if opts.capacity_packets is not None else (
+        100_000 if opts.quick else 1_000_000)
+    capacity: list[observe_capacity.Row] = []
+    if capacity_packets:
+        say(f"datapath capacity: from_container by BPF_PROG_TEST_RUN, {capacity_packets} runs per case, one CPU")
+        with bench_session():
+            capacity = observe_capacity.measure(capacity_packets)
+        say(observe_capacity.describe(capacity))
 
     paths = [p.strip() for p in opts.paths.split(",") if p.strip()]
     if not paths or set(paths) - {"relay", "direct"}:
@@ -423,12 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         Result("observe.throughput", on / off, THROUGHPUT_TARGET, True,
                f"iperf3 1 stream, events medium + follower {on:.2f} vs off {off:.2f} Gbit/s, {rounds} rounds"),
         Result("observe.aggregated_lossless", 1.0 if aggregated and not aggregated["lost"] else 0.0, 1.0, True,
-               f"{aggregated.get('forwarded_pps', 0):.0f} packets/s forwarded (goal {AGGREGATED_PPS_GOAL:,}), "
-               f"{aggregated.get('events', 0)} events, lost {aggregated.get('lost') or 0}"),
+               f"real traffic (udpgen, 2 processes x 4 flows, over veth): {aggregated.get('forwarded_pps', 0):.0f} "
+               f"packets/s forwarded (goal {AGGREGATED_PPS_GOAL:,}), {aggregated.get('events', 0)} events, "
+               f"lost {aggregated.get('lost') or 0}"),
+        *([capacity_result(capacity)] if capacity else []),
         Result("observe.ring_memory_mib", mib, RING_TARGET_MIB, False, f"{held} flows in {mib:.2f} MiB"),
     ]
     dump_json(opts.json, {"seconds": seconds, "sweeps": sweeps, "throughput_gbps": tput, "aggregated": aggregated,
-                          "ring_mib": mib})
+                          "capacity": [asdict(r) for r in capacity], "ring_mib": mib})
     print_results(results)
     return 0
 
