@@ -123,6 +123,7 @@ class Follower:
     argv: list[str]
     flows: int = 0
     lost: int = 0
+    lost_by_source: dict[str, int] = field(default_factory=dict)
     lost_lines: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     thread: threading.Thread | None = None
@@ -146,8 +147,12 @@ class Follower:
                     item = json.loads(line)
                 except ValueError:
                     continue
+                lost = item["lost_events"]
                 with self.lock:
-                    self.lost += int(item["lost_events"].get("num_events_lost", 0))
+                    self.lost += int(lost.get("num_events_lost", 0))
+                    source = str(lost.get("source", "?"))
+                    self.lost_by_source[source] = self.lost_by_source.get(source, 0) + int(
+                        lost.get("num_events_lost", 0))
                     self.lost_lines.append(line.decode().strip())
             elif line.startswith(b"{") and line.rstrip().endswith(b"}") and b'"verdict":' in line:
                 with self.lock:
@@ -156,6 +161,12 @@ class Follower:
     def counts(self) -> tuple[int, int]:
         with self.lock:
             return self.flows, self.lost
+
+    def losses(self) -> dict[str, int]:
+        """Lost events in the stream by source (PERF_EVENT_RING_BUFFER: the kernel ring;
+        HUBBLE_RING_BUFFER: this follower fell behind the node's flow ring; ...)."""
+        with self.lock:
+            return dict(self.lost_by_source)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -290,18 +301,22 @@ def drop_sweep(follower: Follower, sweep: list[dict[str, Any]], node: Node, gen:
         drops0 = node.counter("drop_policy_ingress")
         lost0 = node.losses()
         seen0, flost0 = follower.counts()
+        by_source0 = follower.losses()
         sent = udpgen(gen, netns, sink_ip, DENIED_UDP, rate, seconds)
         drops = node.counter("drop_policy_ingress") - drops0
         seen = settle(lambda: follower.counts()[0], seen0 + drops) - seen0
         lost_after = node.losses()
         lost = {k: v - lost0.get(k, 0) for k, v in lost_after.items() if v != lost0.get(k, 0)}
         flost = follower.counts()[1] - flost0
+        by_source = {k: v - by_source0.get(k, 0) for k, v in follower.losses().items() if v != by_source0.get(k, 0)}
         row = {"rate": rate, "sent": int(sent["sent"]), "achieved": float(sent["rate"]), "drops": drops,
                "seen": seen, "lost_agent": lost, "lost_in_stream": flost,
+               "lost_in_stream_by_source": by_source,
                "complete": seen == drops and not lost and flost == 0}
         sweep.append(row)
         say(f"  {rate:>7}/s asked, {sent['rate']:>9.0f}/s sent: {drops} drops in the datapath, {seen} "
-            f"printed by weft observe, lost: {lost or 0} (agent) {flost} (stream)")
+            f"printed by weft observe, lost: {lost or 0} (agent) {flost} (stream"
+            + (f": {by_source})" if by_source else ")"))
     if not follower.alive():
         raise BenchError("weft observe exited: " + (follower.proc.stderr.read().decode() if follower.proc and
                                                     follower.proc.stderr else ""))
