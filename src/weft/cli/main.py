@@ -301,6 +301,25 @@ def _print_status(st: dict[str, Any]) -> None:
     table("datapath counters", ["COUNTER", "PACKETS", "BYTES"],
           [[k, v["packets"], v["bytes"]] for k, v in st["counters"].items() if v["packets"]])
     _print_proxy(st.get("dns_proxy") or {})
+    _print_cluster(st.get("cluster"))
+
+
+def _print_cluster(cluster: dict[str, Any] | None) -> None:
+    """The node's membership of its cluster: store connection, nodes, what it learnt."""
+    if not cluster:
+        console.print("cluster: none (a node on its own)")
+        return
+    state = ("[green]connected[/green]" if cluster.get("connected")
+             else f"[red]disconnected[/red] — {cluster.get('error')}")
+    console.print(f"cluster: {cluster.get('mode')} mode, {cluster.get('store')} store {state}, revision "
+                  f"{cluster.get('revision')}, nodes {', '.join(cluster.get('nodes') or [])}, "
+                  f"{cluster.get('remote_endpoints', 0)} remote endpoint(s), "
+                  f"{len(cluster.get('identities') or [])} cluster identities")
+    tunnels = cluster.get("tunnels") or {}
+    if tunnels:
+        table("other nodes' pod prefixes", ["PREFIX", "VIA"], [[k, v] for k, v in sorted(tunnels.items())])
+    for problem in cluster.get("bad_records") or []:
+        console.print(f"[red]store record skipped:[/red] {problem}")
 
 
 def _print_proxy(proxy: dict[str, Any]) -> None:
