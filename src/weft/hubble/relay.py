@@ -17,16 +17,18 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from weft.hubble import batch, convert
 from weft.hubble.proto import observer_grpc, observer_pb2, relay_pb2
 from weft.hubble.server import VERSION, hubble_socket, serve, window
+
+T = TypeVar("T")
 
 log = logging.getLogger("weft.relay")
 
@@ -117,16 +119,8 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
                 self._forget(peer)
                 await queue.put(_node_status([peer.name], exc.details() or str(exc.code())))
 
-        tasks = [asyncio.create_task(pump(p)) for p in self.peers]
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        async for item in _fan_in(queue, [pump(p) for p in self.peers]):
+            yield item
 
     async def GetFlowBatches(self, request: Any, context: Any) -> AsyncIterator[bytes]:
         """GetFlows in FlowBatches (:mod:`weft.hubble.batch`). Following, each node's batches are
@@ -160,16 +154,8 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
                 await queue.put(batch.frame([batch.message_wire(
                     _node_status([peer.name], exc.details() or str(exc.code())))]))
 
-        tasks = [asyncio.create_task(pump(p)) for p in self.peers]
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        async for item in _fan_in(queue, [pump(p) for p in self.peers]):
+            yield item
 
     def _batch_stub(self, peer: Peer) -> Any:
         self._stub(peer)  # the peer's channel, made if need be
@@ -228,6 +214,21 @@ class Relay(observer_grpc.ObserverServicer):  # type: ignore[misc]
 
     async def node_names(self) -> list[str]:
         return [p.name for p in self.peers]
+
+
+async def _fan_in(queue: asyncio.Queue[T], pumps: list[Coroutine[Any, Any, None]]) -> AsyncIterator[T]:
+    """What the pumps put in ``queue``, as it comes, for as long as the caller reads; the pumps
+    are cancelled when the caller stops (the client went away)."""
+    tasks = [asyncio.create_task(pump) for pump in pumps]
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def _node_status(names: list[str], message: str) -> Any:
@@ -314,3 +315,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
