@@ -84,7 +84,14 @@ from bench.common import (
     wait_for,
     wait_listening,
 )
-from bench.pod_traffic import IPERF_PORT, RR_PORT, TrafficPath, check_reachable, iperf_gbps, rr_cpus, rr_once
+from bench.pod_traffic import (
+    IPERF_PORT,
+    RR_PORT,
+    TrafficPath,
+    alternate_rounds,
+    check_reachable,
+    rr_cpus,
+)
 from weft.datapath import abi
 from weft.datapath.maps import BPF_MAP_TYPE_LPM_TRIE, BpfHashMap
 from weft.lab import world as plan
@@ -355,18 +362,7 @@ def measure_traffic(lab: Lab, mode: str, rounds: int, seconds: float, versions: 
         before = {n.name: counters_of(lab, n) for n in (n1, n2)}
         say(f"{mode}: {rounds} rounds, {seconds:g} s per measurement, IPv{'+IPv'.join(map(str, versions))}; "
             f"iperf3 unpinned, rr client/server CPUs: {rr_cpu}")
-        for r in range(rounds):
-            order = (weft, plain) if r % 2 == 0 else (plain, weft)
-            for v in versions:
-                for p in order:
-                    p.tcp_gbps[v].append(iperf_gbps(p, v, seconds))
-                for p in order:
-                    out = rr_once(rr, p, v, seconds, client_pin)
-                    p.rr_rate[v].append(float(out["rate"]))
-                    p.rr_p50[v].append(float(out["p50_us"]))
-                say(f"  {mode} round {r + 1}/{rounds} IPv{v}: TCP weft {weft.tcp_gbps[v][-1]:.2f} / base "
-                    f"{plain.tcp_gbps[v][-1]:.2f} Gbit/s; rr weft {weft.rr_rate[v][-1]:.0f} / base "
-                    f"{plain.rr_rate[v][-1]:.0f} /s")
+        alternate_rounds(weft, plain, versions, rounds, seconds, rr, client_pin, f"{mode} ", "base")
         after = {n.name: counters_of(lab, n) for n in (n1, n2)}
     finally:
         procs.stop_all()

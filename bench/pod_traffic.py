@@ -138,6 +138,25 @@ def rr_once(rr: Path, path: TrafficPath, version: int, seconds: float, pin: list
     return out
 
 
+def alternate_rounds(weft: TrafficPath, base: TrafficPath, versions: list[int], rounds: int, seconds: float,
+                     rr: Path, client_pin: list[str], label: str, base_name: str) -> None:
+    """``rounds`` rounds of iperf3 then rr on both paths back to back, which one goes first
+    alternating per round (so drift on a noisy machine hits both alike); figures appended to
+    each path's lists."""
+    for r in range(rounds):
+        order = (weft, base) if r % 2 == 0 else (base, weft)
+        for v in versions:
+            for p in order:
+                p.tcp_gbps[v].append(iperf_gbps(p, v, seconds))
+            for p in order:
+                out = rr_once(rr, p, v, seconds, client_pin)
+                p.rr_rate[v].append(float(out["rate"]))
+                p.rr_p50[v].append(float(out["p50_us"]))
+            say(f"  {label}round {r + 1}/{rounds} IPv{v}: TCP weft {weft.tcp_gbps[v][-1]:.2f} / {base_name} "
+                f"{base.tcp_gbps[v][-1]:.2f} Gbit/s; rr weft {weft.rr_rate[v][-1]:.0f} / {base_name} "
+                f"{base.rr_rate[v][-1]:.0f} /s")
+
+
 def check_reachable(path: TrafficPath, version: int) -> None:
     ping = ["ping", "-c", "1", "-W", "2"] + (["-6"] if version == 6 else [])
     if subprocess.run(in_netns(path.client_ns, [*ping, path.dst[version]]), capture_output=True,
@@ -190,18 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
             say(f"{rounds} rounds, {seconds:g} s per measurement, IPv{'+IPv'.join(map(str, versions))}; "
                 f"iperf3 unpinned, rr client/server CPUs: {opts.rr_cpu} {' '.join(client_pin[2:] + server_pin[2:])}")
-            for r in range(rounds):
-                order = (weft, plain) if r % 2 == 0 else (plain, weft)
-                for v in versions:
-                    for p in order:
-                        p.tcp_gbps[v].append(iperf_gbps(p, v, seconds))
-                    for p in order:
-                        out = rr_once(rr, p, v, seconds, client_pin)
-                        p.rr_rate[v].append(float(out["rate"]))
-                        p.rr_p50[v].append(float(out["p50_us"]))
-                    say(f"  round {r + 1}/{rounds} IPv{v}: TCP weft {weft.tcp_gbps[v][-1]:.2f} / plain "
-                        f"{plain.tcp_gbps[v][-1]:.2f} Gbit/s; rr weft {weft.rr_rate[v][-1]:.0f} / plain "
-                        f"{plain.rr_rate[v][-1]:.0f} /s")
+            alternate_rounds(weft, plain, versions, rounds, seconds, rr, client_pin, "", "plain")
             status = lab.client(node).call("status")
             after = {k: int(v["packets"]) for k, v in status.get("counters", {}).items()}
             counters = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
