@@ -327,17 +327,24 @@ def test_simultaneous_allocations_end_with_one_identity(direct: Lab) -> None:
         made: dict[str, PodInfo] = {}
         start = threading.Barrier(2)
 
+        errors: list[BaseException] = []
+
         def add(node: str, labels: dict[str, str] = labels, made: dict[str, PodInfo] = made,
-                start: threading.Barrier = start) -> None:
+                start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
             start.wait()
-            made[node] = direct.pod_add(f"default/{pod_name('race')}", node_name=node, labels=labels)
+            try:
+                made[node] = direct.pod_add(f"default/{pod_name('race')}", node_name=node, labels=labels)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
 
         threads = [threading.Thread(target=add, args=(n,)) for n in ("node-1", "node-2")]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        assert not errors, errors
         assert set(made) == {"node-1", "node-2"}
+        assert {p.key for p in direct.load().pods.values()} >= {p.key for p in made.values()}, "both in lab.json"
         assert identity(direct, made["node-1"]) == identity(direct, made["node-2"]), f"round {round_}"
 
 

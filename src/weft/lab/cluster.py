@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class LabError(Exception):
 # Daemons this process started (agents, pod servers). Keeping the Popen objects lets us reap
 # them when they exit, and they outlive this process when it exits first (new sessions).
 _children: dict[int, subprocess.Popen[bytes]] = {}
+_state_lock = threading.Lock()  # lab.json's read-modify-write by this process's threads
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02) -> None:
@@ -159,7 +161,8 @@ class Lab:
         )
 
     def save(self, state: LabState) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
+        # A temporary file of this thread's own: pods may be added from several threads at once.
+        tmp = self.state_path.with_suffix(f".tmp.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps(asdict(state), indent=1))
         os.replace(tmp, self.state_path)
 
@@ -641,7 +644,11 @@ class Lab:
             shutil.rmtree(self._pod_dir(pod), ignore_errors=True)
             raise
         state.pods[pod.key] = pod
-        self.save(state)
+        with _state_lock:
+            # Into the latest state: another thread may have added a pod meanwhile.
+            latest = self.load()
+            latest.pods[pod.key] = pod
+            self.save(latest)
         return pod
 
     def _pod_dir(self, pod: PodInfo) -> Path:
