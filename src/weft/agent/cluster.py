@@ -232,8 +232,13 @@ class ClusterSync:
         self.applied_revision = state.revision
 
     # ------------------------------------------------------------------ what the node publishes
-    def register_node(self, pod_cidrs: list[str], lease: int) -> None:
-        self.nodes.register(Node(self.node, tuple(self.settings.addresses), tuple(pod_cidrs)), lease)
+    def register_node(self, pod_cidrs: list[str], lease: int, if_changed: bool = False) -> None:
+        """The node's record under ``lease``; ``if_changed``: only when the store's differs (a
+        write wakes every node's watch)."""
+        node = Node(self.node, tuple(self.settings.addresses), tuple(pod_cidrs))
+        if if_changed and self.nodes.get(self.node) == node:
+            return
+        self.nodes.register(node, lease)
 
     def publish_endpoint(self, ip: str, identity: int, namespace: str, pod: str) -> None:
         try:

@@ -181,7 +181,7 @@ class EndpointManager:
         if self.cluster is None or not self.cluster.lease:
             return {}
         sync = self.cluster
-        sync.register_node([str(b) for b in self.blocks.values()], sync.lease)
+        sync.register_node([str(b) for b in self.blocks.values()], sync.lease, if_changed=not force)
         published = sync.published_endpoints()
         mine: set[str] = set()
         sent = 0
