@@ -148,12 +148,11 @@ class EndpointManager:
             self.datapath.attach_netdev(settings.uplink, index)
 
     def _on_lease(self, lease: int) -> None:
-        """(Re)publish the node's keys under a new ``lease``: its node record, a reference to
-        every cluster identity its endpoints use (renumbering any the store now numbers
-        otherwise: only if the store lost its data), its endpoints."""
+        """(Re)publish the node's keys under a new ``lease``: a reference to every cluster
+        identity its endpoints use (renumbering any the store now numbers otherwise: only if the
+        store lost its data), then its node record and endpoints (:meth:`publish_own`)."""
         assert self.cluster is not None
         sync = self.cluster
-        sync.register_node([str(b) for b in self.blocks.values()], lease)
         renumbered: dict[int, int] = {}
         for labels, ident in list(self.state.identities.by_labels.items()):
             if not CLUSTER_MIN <= ident <= CLUSTER_MAX:
